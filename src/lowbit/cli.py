@@ -1,0 +1,212 @@
+"""The ``lowbit`` command.
+
+::
+
+    lowbit train [RECIPE] [key=value ...] [--resume [PATH]] [--out DIR]
+    lowbit eval CHECKPOINT [key=value ...]
+    lowbit recipes
+    lowbit summary RECIPE [key=value ...]
+
+``lowbit train`` with no recipe runs the default: a small CNN on scikit-learn's digits, trained
+in FP32 and as W8A8 QAT, and prints both accuracies side by side. A user error (unknown recipe or
+key, unreadable or mismatched checkpoint, missing data) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 1
+
+
+class UsageError(ValueError):
+    """A command-line mistake."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lowbit",
+        description="Train and evaluate neural networks at low numerical precision.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser(
+        "train", help="train a recipe (default: digits, FP32 vs W8A8)",
+        description="Train RECIPE (default: digits) with key=value overrides, e.g. "
+                    "`lowbit train mnist_mlp_w8a8 epochs=3 optim.lr=0.05`.",
+    )
+    t.add_argument("items", nargs="*", metavar="[RECIPE] [key=value]",
+                   help="recipe name or .toml path, then overrides")
+    t.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue a run: a checkpoint, a run folder, or (no PATH) the newest run "
+                        "of RECIPE under runs/ (or --out)")
+    t.add_argument("--out", default=None, metavar="DIR", help="output folder")
+    e = sub.add_parser("eval", help="evaluate a checkpoint",
+                       description="Rebuild the model in CHECKPOINT and evaluate it.")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file or a run folder")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. data.root=/data data.eval_split=test")
+    sub.add_parser("recipes", help="list the recipes, one line each")
+    s = sub.add_parser("summary", help="per-layer formats and memory of a recipe's model")
+    s.add_argument("items", nargs="+", metavar="RECIPE [key=value]")
+    return p
+
+
+def _split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    recipe = None
+    rest = list(items)
+    if rest and "=" not in rest[0]:
+        recipe = rest.pop(0)
+    bad = [x for x in rest if "=" not in x]
+    if bad:
+        raise UsageError(f"expected key=value overrides after the recipe, got {bad[0]!r}")
+    return recipe, rest
+
+
+# ------------------------------------------------------------------------------ tables
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}%" if pct else f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def results_table(results: Sequence[tuple[str, Any]]) -> str:
+    """A side-by-side table of finished runs (one row per variant)."""
+    rows = []
+    lm = any("val_ppl" in r.final for _, r in results)
+    for label, r in results:
+        f = r.final
+        total = sum(row.get("time_s", 0.0) for row in r.metrics)
+        row = [label or r.config.get("recipe", ""), r.config["quant"]["scheme"],
+               str(f.get("epoch", 0))]
+        if lm:
+            row += [_fmt(f.get("val_ppl")), _fmt(r.best_metric)]
+        else:
+            row += [_fmt(f.get("val_top1"), True), _fmt(f.get("val_top5"), True),
+                    _fmt(r.best_metric, True)]
+        row += [_fmt(f.get("val_loss")), f"{total:.1f}s", str(r.out_dir)]
+        rows.append(row)
+    head = ["run", "scheme", "epochs"]
+    head += ["val ppl", "best ppl"] if lm else ["top-1", "top-5", "best top-1"]
+    head += ["val loss", "time", "folder"]
+    return _table(head, rows)
+
+
+# ---------------------------------------------------------------------------- commands
+def _find_resume(recipe: str | None, out: str | None) -> Path:
+    from .config import DEFAULT_RECIPE
+    from .train.checkpoint import CheckpointError
+
+    if out is not None:
+        return Path(out)
+    name = Path(recipe).stem if recipe else DEFAULT_RECIPE
+    candidates = [
+        d for d in Path("runs").glob(f"{name}-*")
+        if d.is_dir() and ((d / "last.pt").is_file() or any(d.glob("*/last.pt")))
+    ]
+    if not candidates:
+        raise CheckpointError(
+            f"no checkpoint to resume: no runs/{name}-*/ folder holds a last.pt; give the path "
+            f"(--resume PATH) or start a run with `lowbit train {name}`"
+        )
+    return max(candidates, key=lambda d: d.stat().st_mtime)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import engine
+
+    recipe, overrides = _split_items(args.items)
+    resume = None
+    if args.resume is not None:
+        resume = Path(args.resume) if args.resume else _find_resume(recipe, args.out)
+        if not resume.exists():
+            from .train.checkpoint import CheckpointError
+
+            raise CheckpointError(f"no checkpoint to resume: {str(resume)!r} does not exist")
+    results = engine.train_variants(recipe, overrides, out_dir=args.out, resume=resume)
+    print()
+    print(results_table(results))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train import engine
+
+    _, overrides = _split_items(["-", *args.overrides])
+    m = engine.evaluate(args.checkpoint, overrides)
+    rows = [[k, _fmt(v, pct=k in ("val_top1", "val_top5"))] for k, v in m.items()]
+    print(_table(["metric", "value"], rows))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .config import DEFAULT_RECIPE, list_recipes
+
+    items = list_recipes()
+    width = max((len(n) for n, _ in items), default=0)
+    for name, desc in items:
+        mark = " (default)" if name == DEFAULT_RECIPE else ""
+        print(f"{name.ljust(width)}  {desc}{mark}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+    from .train import engine
+
+    recipe, overrides = _split_items(args.items)
+    cfg = config_mod.resolve(recipe, overrides)
+    for label, sub in config_mod.split_variants(cfg):
+        if label:
+            print(f"== variant {label} ({sub['quant']['scheme']}) ==")
+        task = engine.build_task(sub)
+        model = engine.build_model(sub, task)
+        from . import nn as lnn
+
+        lnn.summary(model)
+    return 0
+
+
+_COMMANDS = {"train": cmd_train, "eval": cmd_eval, "recipes": cmd_recipes,
+             "summary": cmd_summary}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lowbit`` command; returns the exit code (0 ok, 1 diverged, 2 user error)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    from .train.engine import TrainingDivergedError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except TrainingDivergedError as exc:
+        print(f"lowbit: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
+        # configuration, checkpoint and data errors carry a complete message; no traceback
+        # (set LOWBIT_DEBUG=1 to see one)
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("lowbit: interrupted; continue with `lowbit train --resume`", file=sys.stderr)
+        return 130

@@ -1,0 +1,158 @@
+"""Checkpoints: written atomically, loaded with a clear error when they do not fit.
+
+A checkpoint is a ``dict`` saved with ``torch.save``: the model, optimizer, scheduler and loss
+scaler states, the epoch, the best metric, the random-number states, the full resolved config and
+the model name, so that ``lowbit eval`` can rebuild the model and ``--resume`` can continue
+exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT",
+    "atomic_save",
+    "load_checkpoint",
+    "find_checkpoint",
+    "get_rng_state",
+    "set_rng_state",
+    "load_model_state",
+]
+
+FORMAT = "lowbit-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or was saved from a different model."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` through a temporary file in the same folder.
+
+    The file appears under its final name only once it is completely written (``os.replace``),
+    so a crash mid-write never leaves a broken checkpoint behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file for ``path``: the file itself, or ``last.pt`` inside a run folder."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "last.pt").is_file():
+            return p / "last.pt"
+        raise CheckpointError(f"no checkpoint to resume: {str(p)!r} holds no last.pt")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a lowbit checkpoint (a file or a run folder) onto the CPU."""
+    p = find_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"cannot read checkpoint {str(p)!r}: {exc}") from None
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{str(p)!r} is not a lowbit checkpoint (format {FORMAT})")
+    ckpt = dict(ckpt)
+    ckpt["path"] = str(p)
+    return ckpt
+
+
+def load_model_state(model: nn.Module, ckpt: Mapping[str, Any], model_name: str) -> None:
+    """Load ``ckpt["model"]`` into ``model``, or raise :class:`CheckpointError` naming the mismatch."""
+    saved = ckpt.get("model_name")
+    if saved is not None and saved != model_name:
+        raise CheckpointError(
+            f"checkpoint {ckpt.get('path', '')!r} was saved from model {saved!r} but this run "
+            f"builds {model_name!r}; use the matching recipe (or model.name={saved})"
+        )
+    state = ckpt["model"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:3]))
+        raise CheckpointError(
+            f"checkpoint {ckpt.get('path', '')!r} does not fit model {model_name!r} "
+            f"(different model, width or quantization scheme?): {', '.join(parts)}"
+        )
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- RNG
+def _module_generators(model: nn.Module | None) -> dict[str, torch.Generator]:
+    """``torch.Generator`` attributes held by modules (e.g. for stochastic rounding)."""
+    found: dict[str, torch.Generator] = {}
+    if model is None:
+        return found
+    for mname, mod in model.named_modules():
+        for attr, value in vars(mod).items():
+            if isinstance(value, torch.Generator):
+                found[f"{mname}:{attr}"] = value
+    return found
+
+
+def get_rng_state(model: nn.Module | None = None) -> dict[str, Any]:
+    """Every random-number state a training step can draw from."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "modules": {k: g.get_state() for k, g in _module_generators(model).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], model: nn.Module | None = None) -> None:
+    """Restore the states captured by :func:`get_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    gens = _module_generators(model)
+    for key, gstate in state.get("modules", {}).items():
+        if key in gens:
+            gens[key].set_state(gstate)
