@@ -19,7 +19,12 @@ from lowbit.kernels.pack import (
     unpack_signs,
 )
 from lowbit.kernels.xnor import bitplane_matmul, xnor_matmul
-from lowbit.nn.binary import PackedBinaryConv2d, PackedBinaryLinear, binary_sign
+from lowbit.nn.binary import (
+    PackedBinaryConv2d,
+    PackedBinaryLinear,
+    binary_sign,
+    pack_binary_model,
+)
 
 BACKENDS = available_backends()
 COMPILED = [b for b in BACKENDS if b != "torch"]
@@ -283,3 +288,67 @@ def test_packed_conv_equals_fake_quant_conv(cin, cout, k, stride, padding, dilat
 def test_packed_conv_rejects_groups() -> None:
     with pytest.raises(ValueError, match="groups=1"):
         PackedBinaryConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+# ------------------------------------------------------- against lowbit.nn's QAT layers
+
+
+def _lowbit_qat():
+    lnn = pytest.importorskip("lowbit.nn")
+    if not hasattr(lnn, "QLinear"):
+        pytest.skip("lowbit.nn.QLinear not available")
+    return lnn
+
+
+def test_packed_model_equals_qlinear_binary_model() -> None:
+    lnn = _lowbit_qat()
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        lnn.QLinear(100, 256, bias=False, weight="binary", act="binary"), nn.BatchNorm1d(256),
+        nn.Identity(), lnn.QLinear(256, 10, bias=False, weight="binary", act="binary"),
+    )
+    model[1].running_mean.normal_(0, 3)
+    model[1].running_var.uniform_(5, 50)
+    model.eval()
+    packed = pack_binary_model(model)
+    assert isinstance(packed[0], PackedBinaryLinear) and isinstance(packed[3], PackedBinaryLinear)
+    assert isinstance(model[0], lnn.QLinear)  # not in place by default
+    x = torch.randn(17, 100)
+    x[:, :3] = 0.0
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
+
+
+def test_packed_conv_equals_qconv_binary() -> None:
+    lnn = _lowbit_qat()
+    torch.manual_seed(9)
+    qconv = lnn.QConv2d(6, 5, 3, padding=1, bias=False, weight="binary", act="binary").eval()
+    packed = PackedBinaryConv2d.from_conv(qconv)
+    x = torch.randn(2, 6, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(packed(x), qconv(x))
+
+
+def test_packed_from_scaled_binary_qlinear() -> None:
+    lnn = _lowbit_qat()
+    torch.manual_seed(10)
+    q = lnn.QLinear(70, 12, weight="binary-scaled", act="binary").eval()
+    packed = PackedBinaryLinear.from_linear(q)
+    assert packed.weight_scale is not None
+    x = torch.randn(5, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), q(x), rtol=1e-6, atol=1e-6)
+
+
+def test_pack_binary_model_leaves_non_binary_layers() -> None:
+    lnn = _lowbit_qat()
+    torch.manual_seed(11)
+    q8 = lnn.QLinear(20, 30, weight="int8", act="int8")
+    qa = lnn.QLinear(30, 10, weight="binary", act=None)
+    model = nn.Sequential(q8, nn.BatchNorm1d(30), qa).eval()
+    packed = pack_binary_model(model)
+    assert type(packed[0]) is type(q8) and type(packed[2]) is type(qa)
+    with pytest.raises(ValueError, match="does not binarize its input"):
+        PackedBinaryLinear.from_linear(qa)
+    with pytest.raises(ValueError, match="only binary weights"):
+        PackedBinaryLinear.from_linear(lnn.QLinear(20, 30, weight="int8", act="binary"))

@@ -9,6 +9,7 @@ inputs can use ``input_bits`` instead, computed with the QNN bit-plane product.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from lowbit.kernels.pack import PackedBits, check_backend, pack_signs, unpack_signs
 from lowbit.kernels.xnor import bitplane_matmul, xnor_matmul
 
-__all__ = ["PackedBinaryConv2d", "PackedBinaryLinear", "binary_sign"]
+__all__ = ["PackedBinaryConv2d", "PackedBinaryLinear", "binary_sign", "pack_binary_model"]
 
 
 def binary_sign(x: Tensor) -> Tensor:
@@ -52,6 +53,65 @@ def _out_vector(value: Tensor | float | None, n: int, name: str) -> Tensor | Non
     if v.shape != (n,):
         raise ValueError(f"{name} must be a scalar or have shape ({n},), got {tuple(v.shape)}")
     return v
+
+
+def _binary_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The weight whose signs are packed and its per-output scale (``None`` for 1).
+
+    A plain layer packs ``sign(weight)``. A QAT layer with a ``weight_quant`` quantizer (e.g.
+    :class:`lowbit.nn.QLinear`) must produce ``scale * sign(W)`` with one scale per output.
+    """
+    weight = module.weight.detach()
+    wq = getattr(module, "weight_quant", None)
+    if wq is None:
+        return weight, None
+    was_training = wq.training
+    try:
+        wq.eval()
+        with torch.no_grad():
+            rows = wq(weight).reshape(weight.shape[0], -1)
+    finally:
+        wq.train(was_training)
+    scale = rows.abs().amax(1)
+    if bool((scale == 0).any()) or not torch.equal(rows, scale[:, None] * binary_sign(rows)):
+        raise ValueError(
+            f"{type(module).__name__}: its weight quantizer ({getattr(wq, 'fmt', wq)}) does not "
+            "give scale * sign(W) per output; only binary weights can be packed"
+        )
+    return rows, (None if bool((scale == 1).all()) else scale)
+
+
+def _check_binary_input(module: nn.Module, probe_shape: tuple[int, ...],
+                        input_bits: int | None) -> None:
+    """Raise unless the QAT layer's input quantizer is the plain sign (or absent with
+    ``input_bits``); layers without an ``act_quant`` attribute are taken as they are."""
+    if not hasattr(module, "act_quant"):
+        return
+    aq = module.act_quant
+    name = type(module).__name__
+    if input_bits is not None:
+        if aq is not None:
+            raise ValueError(f"{name} quantizes its input ({getattr(aq, 'fmt', aq)}); "
+                             "input_bits is for layers fed integer inputs directly")
+        return
+    if aq is None:
+        raise ValueError(f"{name} does not binarize its input (no act quantizer); pass "
+                         "input_bits=<bits> for integer (fixed-point) inputs")
+    probe = torch.randn(probe_shape, generator=torch.Generator().manual_seed(0))
+    probe.view(-1)[::5] = 0.0
+    probe = probe.to(module.weight.device)
+    was_training = aq.training
+    try:
+        aq.eval()
+        with torch.no_grad():
+            out = aq(probe)
+    except Exception as err:
+        raise ValueError(f"{name}: could not evaluate its act quantizer ({err})") from err
+    finally:
+        aq.train(was_training)
+    if not torch.equal(out, binary_sign(probe)):
+        raise ValueError(f"{name}: its act quantizer ({getattr(aq, 'fmt', aq)}) is not the "
+                         "unscaled sign; only binary (+1/-1) activations can be packed")
 
 
 class _PackedBinaryBase(nn.Module):
@@ -128,11 +188,19 @@ class PackedBinaryLinear(_PackedBinaryBase):
         input_bits: int | None = None,
         backend: str = "auto",
     ) -> PackedBinaryLinear:
-        """Pack ``sign(linear.weight)`` (any ``nn.Linear``, e.g. a binary QAT layer's latent
-        weights); ``linear.bias`` is kept in float32."""
+        """Pack a trained layer: ``sign(linear.weight)`` for a plain ``nn.Linear``; for a QAT
+        layer with ``weight_quant``/``act_quant`` (:class:`lowbit.nn.QLinear` with binary
+        specs) its quantized weight ``scale * sign(W)`` (the scale becomes ``weight_scale``),
+        after checking that it binarizes its input. ``linear.bias`` is kept in float32."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls.from_weight(linear.weight, linear.bias, weight_scale=weight_scale,
+        _check_binary_input(linear, (8, linear.in_features), input_bits)
+        weight, scale = _binary_weight(linear)
+        if weight_scale is None:
+            weight_scale = scale
+        elif scale is not None:
+            raise ValueError("weight_scale given for a layer whose quantizer already scales")
+        return cls.from_weight(weight, linear.bias, weight_scale=weight_scale,
                                input_bits=input_bits, backend=backend)
 
     @classmethod
@@ -225,16 +293,24 @@ class PackedBinaryConv2d(_PackedBinaryBase):
         weight_scale: Tensor | float | None = None,
         backend: str = "auto",
     ) -> PackedBinaryConv2d:
-        """Pack ``sign(conv.weight)`` of any ``nn.Conv2d`` with ``groups=1``, zero padding."""
+        """Pack ``sign(conv.weight)`` of an ``nn.Conv2d`` with ``groups=1`` and zero padding
+        (for a QAT layer, its quantized binary weight, as in
+        :meth:`PackedBinaryLinear.from_linear`)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.groups != 1:
             raise ValueError(f"only groups=1 is supported, got groups={conv.groups}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("only numeric zero padding is supported (padding_mode='zeros')")
+        _check_binary_input(conv, (2, conv.in_channels, 3, 3), None)
+        weight, scale = _binary_weight(conv)
+        if weight_scale is None:
+            weight_scale = scale
+        elif scale is not None:
+            raise ValueError("weight_scale given for a layer whose quantizer already scales")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.bias is not None, backend=backend)
-        layer._set_weight(conv.weight, weight_scale, conv.bias)
+        layer._set_weight(weight, weight_scale, conv.bias)
         return layer
 
     def unpacked_weight(self) -> Tensor:
@@ -288,3 +364,32 @@ class PackedBinaryConv2d(_PackedBinaryBase):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"bias={self.bias is not None}")
+
+
+def pack_binary_model(model: nn.Module, *, inplace: bool = False,
+                      backend: str = "auto") -> nn.Module:
+    """Replace every layer whose weights and inputs are binarized (QAT layers with binary
+    ``weight_quant`` and ``act_quant``, e.g. from ``lowbit.convert(model, "w1a1")``) by its
+    packed equivalent; other layers (first/last layers kept at higher precision, BN, ...) are
+    left alone. Returns the model (a deep copy unless ``inplace``), in eval mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_backend(backend)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if getattr(child, "act_quant", None) is None or getattr(
+                    child, "weight_quant", None) is None:
+                continue
+            try:
+                if isinstance(child, nn.Linear):
+                    packed: nn.Module = PackedBinaryLinear.from_linear(child, backend=backend)
+                elif isinstance(child, nn.Conv2d):
+                    packed = PackedBinaryConv2d.from_conv(child, backend=backend)
+                else:
+                    continue
+            except ValueError:
+                continue  # not a binary-weight, binary-input layer
+            setattr(parent, name, packed.to(child.weight.device))
+    return model.eval()
