@@ -320,6 +320,36 @@ def _validate(cfg: Mapping[str, Any], where: str) -> None:
         )
 
 
+def _registered(kind: str) -> list[str] | None:
+    """Valid names for ``data.name`` / ``model.name`` / ``quant.scheme`` (None if unknown)."""
+    try:
+        if kind == "data.name":
+            from .data import DATASETS
+
+            return list(DATASETS)
+        if kind == "model.name":
+            from .models import list_models
+
+            return list_models()
+        from .nn import list_schemes
+
+        return list_schemes()
+    except ImportError:  # that layer is not installed: its own call will raise later
+        return None
+
+
+def _validate_names(cfg: Mapping[str, Any], where: str) -> None:
+    for key in ("data.name", "model.name", "quant.scheme"):
+        value = get(cfg, key)
+        valid = _registered(key)
+        if valid is not None and value not in valid and not (key == "quant.scheme"
+                                                             and value == ""):
+            raise ConfigError(
+                f"unknown {key} {value!r} (in {where}).{_suggest(value, valid)} "
+                f"Valid: {', '.join(valid)}"
+            )
+
+
 def defaults() -> dict[str, Any]:
     """A complete config holding every default."""
     cfg: dict[str, Any] = {}
@@ -363,7 +393,10 @@ def resolve(
     for key, value in items:
         _apply_override(cfg, key, value)
     _floats(cfg)
-    _validate(cfg, f"{where} with overrides" if items else where)
+    where = f"{where} with overrides" if items else where
+    _validate(cfg, where)
+    if not cfg.get("variants"):
+        _validate_names(cfg, where)
     cfg["recipe"] = name
     cfg["overrides"] = previous + [[k, copy.deepcopy(v)] for k, v in items]
     return cfg
@@ -406,6 +439,15 @@ def split_variants(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     if not variants:
         return [("", base)]
     labels = [cfg["variant"]] if cfg.get("variant") else list(variants)
+    if len(labels) > 1:
+        varied = {k for table in variants.values() for k, _ in _flatten(table)}
+        clash = [k for k, _ in cfg.get("overrides", []) if k in varied]
+        if clash:
+            raise ConfigError(
+                f"{clash[0]} is what the variants of {cfg.get('recipe', 'this recipe')!r} vary "
+                f"({', '.join(variants)}); overriding it would make them identical. Pick one "
+                f"with variant=<label>"
+            )
     out = []
     for label in labels:
         sub = copy.deepcopy(base)
@@ -417,5 +459,6 @@ def split_variants(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         _floats(sub)
         sub["variant"] = label
         _validate(sub, f"variants.{label}")
+        _validate_names(sub, f"variants.{label} of {cfg.get('recipe', 'the recipe')}")
         out.append((label, sub))
     return out

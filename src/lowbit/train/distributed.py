@@ -67,3 +67,20 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Make every process hold the same buffers (BatchNorm running statistics, observers).
+
+    Floating-point buffers are averaged over processes (each saw its own shard of the data);
+    the others are copied from rank 0.
+    """
+    if not info.enabled:
+        return
+    world = float(info.world_size)
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+        else:
+            dist.broadcast(buf, src=0)

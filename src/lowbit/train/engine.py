@@ -41,7 +41,13 @@ from .checkpoint import (
     load_model_state,
     set_rng_state,
 )
-from .distributed import DistInfo, all_reduce_sum, setup_distributed, teardown_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    setup_distributed,
+    sync_buffers,
+    teardown_distributed,
+)
 from .losses import build_loss
 from .metrics import plot_curves, topk_correct, write_metrics
 from .optim import build_optimizer, build_scheduler
@@ -224,10 +230,11 @@ def build_task(cfg: Mapping[str, Any], dist_info: DistInfo | None = None) -> Tas
         train_ds, d["batch_size"], shuffle=True, augment=d["augment"] or None, seed=cfg["seed"],
         drop_last=d["drop_last"], rank=dist_info.rank, world_size=dist_info.world_size,
     )
-    eval_loader = data_mod.BatchLoader(
-        eval_ds, d["eval_batch_size"], shuffle=False, augment=None, seed=cfg["seed"],
-        drop_last=False, rank=dist_info.rank, world_size=dist_info.world_size,
-    )
+    if dist_info.enabled:  # an exact shard per process (no wrap-around padding): exact metrics
+        eval_ds = _subset(eval_ds, torch.arange(dist_info.rank, len(eval_ds.labels),
+                                                dist_info.world_size))
+    eval_loader = data_mod.BatchLoader(eval_ds, d["eval_batch_size"], shuffle=False,
+                                       augment=None, seed=cfg["seed"], drop_last=False)
     if len(train_loader) == 0:
         raise ValueError(
             f"data.batch_size={d['batch_size']} leaves no training batch "
@@ -597,6 +604,7 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
             row.update(self.train_epoch(epoch))
+            sync_buffers(self.model, self.dist)
             row.update(self.evaluate())
             if not math.isfinite(row["val_loss"]):
                 self._diverged(f"the evaluation loss became {row['val_loss']}", epoch)
