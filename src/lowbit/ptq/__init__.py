@@ -1,0 +1,42 @@
+"""Post-training quantization (Banner, Nahshan, Soudry, NeurIPS 2019).
+
+ACIQ analytical clipping (:func:`aciq_clip`), clipping methods per tensor or per channel
+(:func:`clip_range`), per-channel bit allocation (:func:`allocate_bits`), bias correction
+(:func:`bias_correct`), BatchNorm folding (:func:`fold_batchnorms`) and calibration
+(:func:`calibrate`).
+"""
+
+from .aciq import DISTRIBUTIONS, aciq_clip, aciq_mse, clip_mse, golden_section
+from .bitalloc import allocate_bits, allocation_levels
+from .calibrate import calibrate, calibration_layers
+from .clipping import CLIP_METHODS, ClipRange, choose_prior, clip_range, clip_tensor
+from .correction import bias_correct
+from .fold import find_bn_pairs, fold_batchnorms, fold_bn
+from .quantizer import fake_quant_range, range_to_qparams, sqnr_db
+from .stats import RunningStats, Stats
+
+__all__ = [
+    "CLIP_METHODS",
+    "DISTRIBUTIONS",
+    "ClipRange",
+    "RunningStats",
+    "Stats",
+    "aciq_clip",
+    "aciq_mse",
+    "allocate_bits",
+    "allocation_levels",
+    "bias_correct",
+    "calibrate",
+    "calibration_layers",
+    "choose_prior",
+    "clip_mse",
+    "clip_range",
+    "clip_tensor",
+    "fake_quant_range",
+    "find_bn_pairs",
+    "fold_batchnorms",
+    "fold_bn",
+    "golden_section",
+    "range_to_qparams",
+    "sqnr_db",
+]
