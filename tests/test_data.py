@@ -323,6 +323,31 @@ def test_cifar_pickled(tmp_path, folder, str_keys):
     assert torch.equal(again.images, train.images) and again.std == train.std
 
 
+def py2_pickle_batch(raw: bytes, n: int, labels: list[int]) -> bytes:
+    """The opcode stream Python 2's pickle (protocol 2) writes for a CIFAR-10 batch dict
+    {'data': uint8 ndarray [n, 3072], 'labels': [...]}: str keys and the array payload are
+    BINSTRINGs (byte-identical to a real Python 2.7 dump up to dict order and memo opcodes)."""
+
+    def sbs(s: bytes) -> bytes:  # SHORT_BINSTRING
+        return b"U" + bytes([len(s)]) + s
+
+    dtype = (b"cnumpy\ndtype\n" + sbs(b"u1") + b"K\x00K\x01\x87R"
+             + b"(K\x03" + sbs(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + b"K\x00\x85"
+             + sbs(b"b") + b"\x87R" + b"(K\x01" + b"K" + bytes([n]) + b"M\x00\x0c\x86" + dtype
+             + b"\x89" + b"T" + len(raw).to_bytes(4, "little") + raw + b"tb")
+    items = b"".join(b"K" + bytes([v]) for v in labels)
+    return (b"\x80\x02}(" + sbs(b"data") + array + sbs(b"labels") + b"](" + items + b"e"
+            + b"u.")
+
+
+def test_cifar_python2_pickle_format():
+    raw = bytes((i * 7) % 256 for i in range(2 * 3072))
+    images, labels = parse_batch(py2_pickle_batch(raw, 2, [3, 7]), "py2")
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [3, 7]
+    assert images.tobytes() == raw  # rows are channel-major 3x32x32, as in CIFAR-10
+
+
 def test_safe_unpickler_refuses_code(tmp_path):
     marker = tmp_path / "pwned"
 
