@@ -1,0 +1,176 @@
+"""Requantization schemes of today's runtimes, each checked against its own exact definition,
+and compared with the exact result (the certified fixed point never differs)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.integer import ExactAffine, exact_outputs, fixed_point_affine
+from lowbit.integer.requant import (
+    SCHEMES,
+    disagreements,
+    quantize_multiplier,
+    requantize,
+    rounded_fixed_point_min_shift,
+    rounding_divide_by_pot,
+    saturating_rounding_doubling_high_mul,
+)
+
+INT8 = np.arange(-128, 128)
+I32 = st.integers(-(2**31), 2**31 - 1)
+
+
+def _floor_half_up(f: Fraction) -> int:
+    return math.floor(f + Fraction(1, 2))
+
+
+def _half_away(f: Fraction) -> int:
+    n = math.floor(abs(f) + Fraction(1, 2))
+    return n if f >= 0 else -n
+
+
+# ----------------------------------------------------------------- gemmlowp building blocks
+
+@settings(max_examples=300, deadline=None)
+@given(a=I32, b=I32)
+def test_srdhm_is_round_half_up_of_the_doubled_high_product(a, b):
+    got = int(saturating_rounding_doubling_high_mul(np.array([a]), b)[0])
+    if a == b == -(2**31):
+        assert got == 2**31 - 1
+    else:
+        assert got == _floor_half_up(Fraction(a * b, 2**31))
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=I32, e=st.integers(0, 31))
+def test_rounding_divide_by_pot_is_half_away_from_zero(x, e):
+    assert int(rounding_divide_by_pot(np.array([x]), e)[0]) == _half_away(Fraction(x, 2**e))
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=st.floats(1e-9, 1e4) | st.floats(-1e4, -1e-9))
+def test_quantize_multiplier(m):
+    q, shift = quantize_multiplier(m)
+    assert 2**30 <= abs(q) < 2**31
+    approx = Fraction(q) * Fraction(2) ** (shift - 31)
+    assert abs(approx - Fraction(m)) <= abs(Fraction(m)) * Fraction(1, 2**30)
+    assert quantize_multiplier(0.0) == (0, 0)
+
+
+def test_gemmlowp_double_rounding_bias():
+    # x·0.5·2^-1 = n + 1/4 exactly: the first rounding makes 2n + 1/2 -> 2n + 1, the second
+    # (2n + 1)/2 -> n + 1, where the exact result is n
+    q, shift = quantize_multiplier(0.25)
+    assert (q, shift) == (2**30, -1)
+    x = np.array([4 * n + 1 for n in range(0, 40)])
+    got = requantize("gemmlowp", [0.25], [0.0], x, (-(2**20), 2**20))[0]
+    single = requantize("tflite_single_rounding", [0.25], [0.0], x, (-(2**20), 2**20))[0]
+    exact = np.array([math.floor(Fraction(int(v), 4) + Fraction(1, 2)) for v in x])
+    assert (got == exact + 1).all()
+    np.testing.assert_array_equal(single, exact)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.floats(1e-5, 20.0), xs=st.lists(st.integers(-(2**20), 2**20), min_size=1,
+                                             max_size=20))
+def test_single_rounding_is_one_rounding(m, xs):
+    q, shift = quantize_multiplier(m)
+    got = requantize("tflite_single_rounding", [m], [0.0], xs, (-(2**40), 2**40))[0]
+    want = [_floor_half_up(Fraction(x * q) * Fraction(2) ** (shift - 31)) for x in xs]
+    np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------- float schemes
+
+def test_float32_scheme_matches_torch_float32():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 0.5, 64), rng.normal(0, 20, 64)
+    got = requantize("float32", a, b, INT8, "int8", input_zero_point=3, output_zero_point=-2)
+    ta = torch.tensor(a, dtype=torch.float32)[:, None]
+    tb = torch.tensor(b, dtype=torch.float32)[:, None]
+    tx = torch.tensor(INT8 - 3, dtype=torch.float32)[None, :]
+    want = torch.clamp(torch.round(ta * tx + tb) - 2, -128, 127).to(torch.int64).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_divisor_scheme_definition():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 0.5, 8), rng.normal(0, 20, 8)
+    got = requantize("divisor_2_24", a, b, INT8, (-(2**20), 2**20))
+    for c in range(8):
+        mul = round(Fraction(a[c]) * 2**24)
+        add = round(Fraction(b[c]) * 2**24) + 2**23
+        want = [math.floor(Fraction(mul * int(x) + add, 2**24)) for x in INT8]
+        np.testing.assert_array_equal(got[c], want)
+
+
+def test_rounded_fixed_point_is_exactly_rounded_shift():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0, 0.5, 8), rng.normal(0, 20, 8)
+    for rounding in ("half_even", "half_up"):
+        got = requantize("rounded_fixed_point", a, b, INT8, (-(2**20), 2**20), shift=5,
+                         rounding=rounding)
+        for c in range(8):
+            M, C = round(Fraction(a[c]) * 32), round(Fraction(b[c]) * 32)
+            if rounding == "half_even":
+                want = [round(Fraction(M * int(x) + C, 32)) for x in INT8]
+            else:
+                want = [_floor_half_up(Fraction(M * int(x) + C, 32)) for x in INT8]
+            np.testing.assert_array_equal(got[c], want)
+
+
+# ---------------------------------------------------------------- comparison with exact
+
+def test_rounding_to_nearest_never_beats_the_certified_shift():
+    """Rounded (M, C) with an exact rounding shift is one member of the certified family, so
+    the shift at which it first becomes exact is never below the certified minimum."""
+    rng = np.random.default_rng(3)
+    a = list(rng.choice([-1, 1], 300) * np.exp(rng.uniform(-4, 1, 300)))
+    b = list(rng.normal(0, 20, 300))
+    a += [0.5, 0.25, 0.75, 0.0]
+    b += [0.0, 0.5, -0.125, 2.5]
+    for rounding in ("half_even", "half_up"):
+        fp = fixed_point_affine(a, b, "int8", "int8", rounding=rounding)
+        naive = rounded_fixed_point_min_shift(a, b, INT8, "int8", rounding=rounding)
+        assert (naive >= 0).all()
+        assert (naive >= fp.min_shift).all()
+        assert disagreements(a, b, "int8", "int8", rounding=rounding, shift=naive,
+                             schemes=["rounded_fixed_point"])["rounded_fixed_point"] == 0
+
+
+def test_disagreement_table_counts():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(0, 0.4, 200), rng.normal(0, 20, 200)
+    table = disagreements(a, b, "int8", "int8", shift=np.full(200, 6))
+    assert set(table) == {"certified", *SCHEMES}
+    assert table["certified"] == 0
+    # recount one scheme by hand
+    exact = exact_outputs(ExactAffine.from_affine(a, b), INT8, "int8")
+    got = requantize("divisor_2_24", a, b, INT8, "int8")
+    assert table["divisor_2_24"] == int((got != exact).sum())
+    # rounding M and C at a shift of 6 is far too coarse for these channels
+    assert table["rounded_fixed_point"] > 0
+
+
+def test_accumulator_requantization_is_exact():
+    rng = np.random.default_rng(5)
+    lo, hi = -(2**13), 2**13
+    a = rng.uniform(0.002, 0.05, 12) * rng.choice([-1, 1], 12)
+    b = rng.normal(0, 40, 12)
+    table = disagreements(a, b, (lo, hi), "uint8", output_zero_point=128,
+                          schemes=["certified", "float64"])
+    assert table["certified"] == 0
+
+
+def test_bad_scheme():
+    with pytest.raises(ValueError, match="scheme"):
+        requantize("fbgemm", [1.0], [0.0], INT8, "int8")
+    with pytest.raises(ValueError, match="shift"):
+        requantize("rounded_fixed_point", [1.0], [0.0], INT8, "int8")
