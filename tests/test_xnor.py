@@ -172,9 +172,11 @@ def test_bitplane_matmul_exact(m: int, k: int, n: int, signed: bool, bits: int,
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1)) if signed else (0, 2**bits)
     x = torch.randint(lo, hi, (m, k), generator=gen)
     w = pm1(k, n, gen=gen)
-    out = bitplane_matmul(x, w, bits=bits, signed=signed)
-    assert out.dtype == torch.int32
-    assert torch.equal(out, exact_matmul(x, w))
+    ref = exact_matmul(x, w)
+    for backend in BACKENDS:
+        out = bitplane_matmul(x, w, bits=bits, signed=signed, backend=backend)
+        assert out.dtype == torch.int32
+        assert torch.equal(out, ref), backend
 
 
 def test_bitplane_matmul_uint8_and_errors() -> None:

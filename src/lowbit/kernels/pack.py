@@ -135,10 +135,9 @@ def _pack_bool(neg: Tensor) -> Tensor:
     """Pack a bool tensor (True = set bit) along its last dim into int64 words (pure torch)."""
     k = neg.shape[-1]
     lead = neg.shape[:-1]
-    pad = num_words(k) * WORD_BITS - k
-    if pad:
-        neg = torch.nn.functional.pad(neg, (0, pad), value=False)
-    groups = neg.reshape(*lead, -1, 8).to(torch.uint8)
+    bits = neg.new_zeros((*lead, num_words(k) * WORD_BITS), dtype=torch.uint8)
+    bits[..., :k] = neg
+    groups = bits.view(*lead, -1, 8)
     weights = torch.tensor(_BYTE_WEIGHTS, dtype=torch.uint8, device=neg.device)
     packed_bytes = (groups * weights).sum(-1, dtype=torch.uint8)
     return packed_bytes.contiguous().view(torch.int64)

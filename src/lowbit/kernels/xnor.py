@@ -17,7 +17,6 @@ from lowbit.kernels.pack import (
     extension,
     pack_bits,
     pack_signs,
-    popcount,
     resolve_backend,
 )
 
@@ -121,16 +120,24 @@ def bitplane_matmul(
         raise ValueError(f"inner dimensions differ: x has K={k}, w has K={pw.length}")
     if k * 2**bits >= 2**31:
         raise ValueError(f"K={k} with {bits}-bit inputs can overflow the int32 result")
-    xi = x.to(torch.int32)
-    shifts = torch.arange(bits, dtype=torch.int32, device=x.device).view(bits, 1, 1)
-    planes = ((xi.unsqueeze(0) >> shifts) & 1).bool()  # [bits, M, K], two's-complement bits
-    # A 0/1 plane b is the ±1 vector s = 2b - 1 (set bit where b == 0); b·w = (s·w + sum(w)) / 2.
-    packed_planes = pack_bits(~planes.reshape(bits * m, k))
+    xi = x.to(torch.int32).contiguous()
+    if backend != "torch" and x.device.type == "cpu":
+        words = extension().pack_bitplanes_i32(xi, bits, backend)
+        packed_planes = PackedBits(words.view(bits * m, -1), k)
+    else:
+        shifts = torch.arange(bits, dtype=torch.int32, device=x.device).view(bits, 1, 1)
+        planes = ((xi.unsqueeze(0) >> shifts) & 1).bool()  # [bits, M, K], two's complement
+        # a 0/1 plane b is the ±1 vector s = 2b - 1: set bit (-1) where b == 0
+        packed_planes = pack_bits(~planes.reshape(bits * m, k))
+    # b·w = (s·w + sum(w)) / 2, and sum(w) is the product with the all-(+1) row
     dots = xnor_matmul(packed_planes, pw, backend=backend).view(bits, m, -1)
-    col_sums = k - 2 * popcount(pw.words).sum(-1)  # sum of each ±1 weight column
-    plane_dots = (dots.to(torch.int64) + col_sums) // 2  # exact: s·w + sum(w) is even
+    ones = PackedBits(torch.zeros(1, pw.words.shape[1], dtype=torch.int64, device=x.device), k)
+    col_sums = xnor_matmul(ones, pw, backend=backend)  # [1, N]
     weights = [1 << n for n in range(bits)]
     if signed:
         weights[-1] = -weights[-1]
-    coef = torch.tensor(weights, dtype=torch.int64, device=x.device).view(bits, 1, 1)
-    return (coef * plane_dots).sum(0).to(torch.int32)
+    coef = torch.tensor(weights, dtype=torch.int32, device=x.device).view(bits, 1, 1)
+    # every c_n * (s_n·w + sum(w)) is even, so the halving below is exact (int32 cannot
+    # overflow: |result| < K * 2^bits < 2^31 was checked above)
+    total = (coef * dots).sum(0, dtype=torch.int32) + col_sums * sum(weights)
+    return torch.div(total, 2, rounding_mode="floor")

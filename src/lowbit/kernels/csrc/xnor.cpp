@@ -26,6 +26,7 @@ using u64 = uint64_t;
 constexpr int64_t KC = 256;
 constexpr int64_t MC = 64;
 constexpr int64_t NC = 256;
+constexpr int64_t kMinWork = int64_t{1} << 19;  // word pairs per thread, about 50 us
 
 // ---------------------------------------------------------------- scalar (popcnt) micro kernel
 struct Scalar {
@@ -165,7 +166,11 @@ template <class Isa>
 void gemm(const u64* A, const u64* B, int32_t* C, int64_t M, int64_t N, int64_t W, int64_t K) {
   const int64_t mb = (M + MC - 1) / MC;
   const int64_t nb = (N + NC - 1) / NC;
-  at::parallel_for(0, mb * nb, 1, [&](int64_t begin, int64_t end) {
+  // Each thread gets at least kMinWork word pairs (small products run inline: a parallel
+  // region costs more than they do, and much more when the CPUs are oversubscribed).
+  const int64_t task_work = std::min(M, MC) * std::min(N, NC) * std::max<int64_t>(W, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinWork / task_work);
+  at::parallel_for(0, mb * nb, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i0 = (t / nb) * MC, i1 = std::min(M, i0 + MC);
       const int64_t j0 = (t % nb) * NC, j1 = std::min(N, j0 + NC);
@@ -225,6 +230,43 @@ void pack_row_scalar(const float* x, int64_t K, u64* out, int64_t W) {
   }
 }
 
+// Bit planes of int32 values: plane n of row r gets a set bit where bit n of x is CLEAR (the
+// 0/1 plane b is stored as the ±1 vector 2b - 1). out: [bits, R, W].
+__attribute__((target("avx512f"))) void planes_row_avx512(const int32_t* x, int64_t K, int bits,
+                                                         u64* out, int64_t plane_stride,
+                                                         int64_t W) {
+  for (int64_t w = 0; w < W; ++w) {
+    u64 words[16] = {};
+    for (int q = 0; q < 4; ++q) {
+      const int64_t base = w * 64 + q * 16;
+      if (base >= K) break;
+      const int64_t rem = K - base;
+      const __mmask16 m =
+          rem >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rem) - 1u);
+      const __m512i v = _mm512_maskz_loadu_epi32(m, x + base);
+      for (int n = 0; n < bits; ++n) {
+        const __mmask16 clear = _mm512_mask_testn_epi32_mask(m, v, _mm512_set1_epi32(1 << n));
+        words[n] |= static_cast<u64>(clear) << (16 * q);
+      }
+    }
+    for (int n = 0; n < bits; ++n) out[n * plane_stride + w] = words[n];
+  }
+}
+
+void planes_row_scalar(const int32_t* x, int64_t K, int bits, u64* out, int64_t plane_stride,
+                       int64_t W) {
+  for (int n = 0; n < bits; ++n) {
+    for (int64_t w = 0; w < W; ++w) {
+      u64 word = 0;
+      const int64_t end = std::min<int64_t>(64, K - w * 64);
+      for (int64_t t = 0; t < end; ++t) {
+        if (((static_cast<uint32_t>(x[w * 64 + t]) >> n) & 1u) == 0) word |= u64{1} << t;
+      }
+      out[n * plane_stride + w] = word;
+    }
+  }
+}
+
 bool cpu_has(const std::string& isa) {
   __builtin_cpu_init();
   if (isa == "avx512") {
@@ -274,7 +316,8 @@ torch::Tensor pack_signs_f32(const torch::Tensor& x, const std::string& isa) {
   const float* X = x.data_ptr<float>();
   u64* O = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
   const bool vec = (isa == "avx512") && cpu_has("avx512");
-  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (vec) {
         pack_row_avx512(X + r * K, K, O + r * W, W);
@@ -286,10 +329,35 @@ torch::Tensor pack_signs_f32(const torch::Tensor& x, const std::string& isa) {
   return out;
 }
 
+// x: [R, K] int32 contiguous -> [bits, R, ceil(K / 64)] int64 words (see planes_row_*).
+torch::Tensor pack_bitplanes_i32(const torch::Tensor& x, int64_t bits, const std::string& isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt32 && x.is_contiguous(),
+              "pack_bitplanes_i32: x must be a contiguous 2-D int32 tensor");
+  TORCH_CHECK(bits >= 1 && bits <= 16, "pack_bitplanes_i32: bits must be in 1..16");
+  const int64_t R = x.size(0), K = x.size(1), W = (K + 63) / 64;
+  auto out = torch::empty({bits, R, W}, x.options().dtype(torch::kInt64));
+  const int32_t* X = x.data_ptr<int32_t>();
+  u64* O = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
+  const bool vec = (isa == "avx512") && cpu_has("avx512");
+  const int nb = static_cast<int>(bits);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (vec) {
+        planes_row_avx512(X + r * K, K, nb, O + r * W, R * W, W);
+      } else {
+        planes_row_scalar(X + r * K, K, nb, O + r * W, R * W, W);
+      }
+    }
+  });
+  return out;
+}
+
 bool supports(const std::string& isa) { return cpu_has(isa); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("xnor_gemm", &xnor_gemm, "XNOR-popcount GEMM on packed sign bits");
   m.def("pack_signs_f32", &pack_signs_f32, "pack float32 signs into int64 words");
+  m.def("pack_bitplanes_i32", &pack_bitplanes_i32, "pack the bit planes of int32 values");
   m.def("supports", &supports, "whether this CPU runs the given isa path");
 }
