@@ -47,6 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from lowbit.formats import Format, IntFormat, get_format
+from lowbit.quant.functional import fake_quantize, quantize_grad
+
 __all__ = [
     "BATCHNORM_VARIANTS",
     "L1BatchNorm1d",
@@ -182,8 +185,12 @@ class _EstimatedScaleBatchNorm(_NormBase):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        act_format: str | Format | None = None,
+        grad_format: str | Format | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         _check_count(num_features, "num_features")
+        self._init_low_precision(act_format, grad_format, generator)
         if not isinstance(eps, (int, float)) or eps < 0:
             raise ValueError(f"eps must be a float >= 0, got {eps!r}")
         if momentum is not None and not (0.0 <= float(momentum) <= 1.0):
@@ -193,8 +200,28 @@ class _EstimatedScaleBatchNorm(_NormBase):
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
 
-    # subclasses: estimate of the population std per channel from flat (C, n) values
-    def _estimate_std(self, flat: Tensor, mean: Tensor) -> Tensor:
+    def _init_low_precision(
+        self,
+        act_format: str | Format | None,
+        grad_format: str | Format | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        act = None if act_format is None else get_format(act_format)
+        if act is not None and not (isinstance(act, IntFormat) and act.signed):
+            raise ValueError(
+                f"act_format must be a signed integer format ('int2'..'int16') or None, "
+                f"got {act.name!r}"
+            )
+        grad = None if grad_format is None else get_format(grad_format)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+        # plain attributes, set before nn.Module.__init__ (they hold no tensors)
+        object.__setattr__(self, "act_format", act)
+        object.__setattr__(self, "grad_format", grad)
+        object.__setattr__(self, "generator", generator)
+
+    # subclasses: estimate of the population std per channel from centred (C, n) values
+    def _estimate_std(self, centred: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _check_input_dim(self, x: Tensor) -> None:
@@ -236,7 +263,10 @@ class _EstimatedScaleBatchNorm(_NormBase):
                 f"{tuple(x.shape)}"
             )
         mean = flat.mean(dim=1)
-        sigma = self._estimate_std(flat, mean)
+        centred = flat - mean[:, None]
+        if self.act_format is not None:  # 8-bit mode: symmetric per-channel integer grid
+            centred = fake_quantize(centred, self.act_format, axis=0)
+        sigma = self._estimate_std(centred)
         var = sigma.square()  # estimate of the unbiased variance
         if self.training and self.track_running_stats:
             with torch.no_grad():
@@ -245,12 +275,27 @@ class _EstimatedScaleBatchNorm(_NormBase):
                 rv.mul_(1.0 - factor).add_(var.detach().to(rv.dtype), alpha=factor)
         inv_std = torch.rsqrt(var * ((n - 1) / n) + self.eps)
         shape = (1, channels) + (1,) * (x.dim() - 2)
-        y = (x - mean.view(shape)) * inv_std.view(shape)
+        if self.act_format is None:
+            y = (x - mean.view(shape)) * inv_std.view(shape)
+        else:
+            y = centred.reshape((channels, x.shape[0]) + x.shape[2:]).transpose(0, 1)
+            y = y * inv_std.view(shape)
         if self.weight is not None:
             y = y * self.weight.view(shape)
         if self.bias is not None:
             y = y + self.bias.view(shape)
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        if self.grad_format is not None:
+            y = quantize_grad(y, self.grad_format, rounding="stochastic", generator=self.generator)
+        return y
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.act_format is not None:
+            text += f", act_format={self.act_format.name}"
+        if self.grad_format is not None:
+            text += f", grad_format={self.grad_format.name}"
+        return text
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, **kwargs: object) -> _EstimatedScaleBatchNorm:
@@ -308,7 +353,8 @@ class _RangeMixin:
             return asymptotic
         return asymptotic / _CODE_RANGE_FACTOR
 
-    def _estimate_std(self, flat: Tensor, mean: Tensor) -> Tensor:
+    def _estimate_std(self, centred: Tensor) -> Tensor:
+        flat = centred
         channels, n = flat.shape
         chunks = 1 if self.num_chunks is None else max(1, min(self.num_chunks, n // 2))
         size, rem = divmod(n, chunks)
@@ -329,9 +375,9 @@ class _RangeMixin:
 
 
 class _L1Mixin:
-    def _estimate_std(self, flat: Tensor, mean: Tensor) -> Tensor:
-        n = flat.shape[1]
-        mad = (flat - mean[:, None]).abs().mean(dim=1)
+    def _estimate_std(self, centred: Tensor) -> Tensor:
+        n = centred.shape[1]
+        mad = centred.abs().mean(dim=1)
         return mad * math.sqrt(math.pi / 2.0 * n / (n - 1))
 
 
@@ -344,10 +390,10 @@ class _LinfMixin:
             raise ValueError(f"topk must be in [1, {_MAX_TOPK}], got {topk}")
         self.topk = topk
 
-    def _estimate_std(self, flat: Tensor, mean: Tensor) -> Tensor:
-        n = flat.shape[1]
+    def _estimate_std(self, centred: Tensor) -> Tensor:
+        n = centred.shape[1]
         k = min(self.topk, n)
-        top = (flat - mean[:, None]).abs().topk(k, dim=1, sorted=False).values.mean(dim=1)
+        top = centred.abs().topk(k, dim=1, sorted=False).values.mean(dim=1)
         return top / (expected_topk_abs_gaussian(n, k) * math.sqrt((n - 1) / n))
 
     def extra_repr(self) -> str:
@@ -357,6 +403,18 @@ class _LinfMixin:
 _COMMON_ARGS = """
     Args (as :class:`torch.nn.BatchNorm2d`): num_features, eps, momentum (PyTorch EMA
     convention, ``None`` = cumulative average), affine, track_running_stats, device, dtype, bias.
+
+    Low-precision mode (training / batch-statistics path; eval uses the float running
+    statistics like BN, ready to be folded):
+    act_format: a signed integer format such as ``"int8"``: the centred values ``x - mean`` are
+        fake-quantized per channel (symmetric, scale ``max|x - mean| / qmax``, round to
+        nearest, straight-through gradient) and the scale estimate and the output are computed
+        from them, so each output channel holds at most ``2**bits - 1`` distinct values (an
+        integer code times a per-channel factor).
+    grad_format: e.g. ``"int8"``: the gradient arriving at the output is fake-quantized with
+        stochastic rounding (per-tensor scale from its max, see ``lowbit.quant.quantize_grad``)
+        before it flows through the normalisation.
+    generator: ``torch.Generator`` for that stochastic rounding (``None``: the global RNG).
 """
 
 
@@ -376,10 +434,14 @@ class _RangeBatchNorm(_RangeMixin, _EstimatedScaleBatchNorm):
         bias: bool = True,
         num_chunks: int | None = None,
         range_constant: RangeConstant = "exact",
+        act_format: str | Format | None = None,
+        grad_format: str | Format | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         self._init_range(num_chunks, range_constant)
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            act_format=act_format, grad_format=grad_format, generator=generator,
         )
 
 
@@ -442,10 +504,14 @@ class _LinfBatchNorm(_LinfMixin, _EstimatedScaleBatchNorm):
         *,
         bias: bool = True,
         topk: int = 10,
+        act_format: str | Format | None = None,
+        grad_format: str | Format | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         self._init_topk(topk)
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+            act_format=act_format, grad_format=grad_format, generator=generator,
         )
 
 
