@@ -77,7 +77,8 @@ def test_overrides_dotted_and_typed():
 )
 def test_bad_overrides_suggest(override, message):
     with pytest.raises(ConfigError) as exc:
-        config_mod.split_variants(resolve("cifar10_resnet20_fp32", [override]))
+        for _, sub in config_mod.split_variants(resolve("cifar10_resnet20_fp32", [override])):
+            config_mod.check_names(sub)
     assert message in str(exc.value)
 
 

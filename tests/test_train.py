@@ -413,3 +413,70 @@ def test_run_folder_default_name(tmp_path, monkeypatch):
     res = run_toy(cfg)
     assert res.out_dir.parent == Path("runs") and res.out_dir.name.startswith("toy-")
     assert (tmp_path / res.out_dir / "last.pt").exists()
+
+
+# ------------------------------------------------------------------ real pipeline
+def test_resume_bit_exact_digits_w8a8_with_augmentation(tmp_path):
+    """The real data + QAT path: digits, small CNN converted to W8A8, crop/flip augmentation;
+    interrupted mid-epoch 2 and resumed, it ends with exactly the uninterrupted weights."""
+    pytest.importorskip("lowbit.nn")
+    over = ["variant=w8a8", "epochs=2", "progress=false", "data.limit=192",
+            "data.eval_limit=96", "data.augment=crop_flip", "data.batch_size=32"]
+    full = train("digits", over, out_dir=tmp_path / "full", log=None)
+
+    class Stop:
+        def after_step(self, trainer):
+            if trainer.step == trainer.steps_per_epoch + 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train("digits", over, out_dir=tmp_path / "cut", log=None, callbacks=[Stop()])
+    assert load_checkpoint(tmp_path / "cut")["epoch"] == 1
+    resumed = train(resume=tmp_path / "cut", log=None)
+    assert any("Q" in type(m).__name__ for m in resumed.model.modules())
+    assert_same_state(full.model.state_dict(), resumed.model.state_dict())
+    assert full.metrics[-1]["val_top1"] == resumed.metrics[-1]["val_top1"]
+
+
+# ------------------------------------------------------------------ language models
+def lm_task(seed=0):
+    """A 16-word vocabulary stream with a strong Markov structure (ppl far below 16)."""
+    g = torch.Generator().manual_seed(seed)
+    nxt = torch.randint(0, 16, (16, 2), generator=g)
+    tok = [0]
+    for _ in range(6000):
+        tok.append(int(nxt[tok[-1], int(torch.rand(1, generator=g) < 0.2)]))
+    tokens = torch.tensor(tok)
+    return Task("lm", num_classes=16, train_tokens=tokens[:5000], eval_tokens=tokens[5000:])
+
+
+def lm_model():
+    from lowbit.models import create
+
+    return create("lstm_lm", num_classes=16, hidden=32, layers=1, dropout=0.1)
+
+
+def lm_cfg(path, **over):
+    base = {"recipe": "lm", "epochs": 3, "progress": False, "out": str(path),
+            "model": {"name": "lstm_lm"}, "data": {"name": "ptb", "batch_size": 8,
+                                                   "eval_batch_size": 4, "bptt": 16},
+            "optim": {"name": "adam", "lr": 0.01}, "train": {"grad_clip": 0.5}}
+    return config_mod.resolve(base, over)
+
+
+def test_language_model_learns_and_resumes_exactly(tmp_path):
+    pytest.importorskip("lowbit.models")
+    torch.manual_seed(0)
+    full = train(lm_cfg(tmp_path / "full"), model=lm_model(), task=lm_task(), log=None)
+    ppl = [r["val_ppl"] for r in full.metrics]
+    # a 16-word vocabulary: chance perplexity is 16; each word has 2 likely successors
+    assert ppl[-1] < 4
+    assert ppl == sorted(ppl, reverse=True)
+    steps = math.ceil((5000 // 8 - 1) / 16)
+    with pytest.raises(KeyboardInterrupt):
+        torch.manual_seed(0)
+        train(lm_cfg(tmp_path / "cut"), model=lm_model(), task=lm_task(), log=None,
+              callbacks=[StopAt(steps + 5)])
+    resumed = train(resume=tmp_path / "cut", model=lm_model(), task=lm_task(), log=None)
+    assert_same_state(full.model.state_dict(), resumed.model.state_dict())
+    assert [r["val_ppl"] for r in resumed.metrics] == ppl

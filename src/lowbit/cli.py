@@ -171,7 +171,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     recipe, overrides = _split_items(args.items)
     cfg = config_mod.resolve(recipe, overrides)
-    for label, sub in config_mod.split_variants(cfg):
+    runs = config_mod.split_variants(cfg)
+    for _, sub in runs:
+        config_mod.check_names(sub)
+    for label, sub in runs:
         if label:
             print(f"== variant {label} ({sub['quant']['scheme']}) ==")
         task = engine.build_task(sub)

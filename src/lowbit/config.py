@@ -44,6 +44,7 @@ __all__ = [
     "resolve",
     "parse_override",
     "split_variants",
+    "check_names",
     "get",
     "valid_keys",
 ]
@@ -338,8 +339,18 @@ def _registered(kind: str) -> list[str] | None:
         return None
 
 
-def _validate_names(cfg: Mapping[str, Any], where: str) -> None:
-    for key in ("data.name", "model.name", "quant.scheme"):
+def check_names(cfg: Mapping[str, Any], keys: Sequence[str] = ("data.name", "model.name",
+                                                                "quant.scheme"),
+                where: str | None = None) -> None:
+    """Check that ``data.name``, ``model.name`` and ``quant.scheme`` are registered names.
+
+    Kept out of :func:`resolve` so that a config can describe a model or data set that the
+    caller builds itself.
+    """
+    if where is None:
+        where = f"recipe {cfg.get('recipe', '')!r}" + (
+            f", variant {cfg['variant']!r}" if cfg.get("variant") else "")
+    for key in keys:
         value = get(cfg, key)
         valid = _registered(key)
         if valid is not None and value not in valid and not (key == "quant.scheme"
@@ -393,10 +404,7 @@ def resolve(
     for key, value in items:
         _apply_override(cfg, key, value)
     _floats(cfg)
-    where = f"{where} with overrides" if items else where
-    _validate(cfg, where)
-    if not cfg.get("variants"):
-        _validate_names(cfg, where)
+    _validate(cfg, f"{where} with overrides" if items else where)
     cfg["recipe"] = name
     cfg["overrides"] = previous + [[k, copy.deepcopy(v)] for k, v in items]
     return cfg
@@ -459,6 +467,5 @@ def split_variants(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         _floats(sub)
         sub["variant"] = label
         _validate(sub, f"variants.{label}")
-        _validate_names(sub, f"variants.{label} of {cfg.get('recipe', 'the recipe')}")
         out.append((label, sub))
     return out

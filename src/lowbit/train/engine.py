@@ -363,6 +363,9 @@ class Trainer:
         ckpt = None
         if resume is not None:
             ckpt = resume if isinstance(resume, Mapping) else load_checkpoint(resume)
+        names = ([] if self._given_task is not None else ["data.name"]) + (
+            [] if self._given_model is not None else ["model.name", "quant.scheme"])
+        config_mod.check_names(cfg, names)
         seed_everything(cfg["seed"])
         self.task = self._given_task or build_task(cfg, self.dist)
         model = self._given_model if self._given_model is not None else build_model(cfg, self.task)
@@ -726,6 +729,8 @@ def train_variants(
         out = Path(out_dir) if out_dir is not None else (
             Path(cfg["out"]) if cfg["out"] else default_out_dir(cfg))
     runs = config_mod.split_variants(cfg)
+    for _, sub in runs:  # a typo in the last variant must not surface after the first trained
+        config_mod.check_names(sub)
     if len(runs) == 1 and not runs[0][0]:
         return [("", Trainer(runs[0][1], out_dir=out, log=log).fit())]
     results = []
@@ -753,6 +758,7 @@ def evaluate(
     """
     ckpt = load_checkpoint(checkpoint)
     cfg = config_mod.resolve(ckpt["config"], overrides)
+    config_mod.check_names(cfg)
     device = resolve_device(cfg["device"])
     seed_everything(cfg["seed"])
     task = build_task(cfg)
