@@ -71,6 +71,41 @@ def test_ema_quantizer_train_eval_and_buffers():
                                                                   255))
 
 
+def test_batch_train_range_identity_gradient_and_ema_for_eval():
+    g = torch.Generator().manual_seed(5)
+    q = Quantizer(QuantSpec("uint8", observer="ema", train_range="batch"))
+    xs = [torch.randn(32, 7, generator=g) * (i + 1) for i in range(3)]
+    for x in xs:
+        x = x.clone().requires_grad_(True)
+        out = q(x)
+        lo, hi = x.detach().min().clamp(max=0), x.detach().max().clamp(min=0)
+        scale = (hi - lo) / 255
+        zp = int((0 - torch.round(lo / scale)).clamp(0, 255))
+        ref = torch.fake_quantize_per_tensor_affine(x.detach(), scale, zp, 0, 255)
+        assert torch.equal(out, ref)
+        gout = torch.randn_like(out)
+        out.backward(gout)
+        assert torch.equal(x.grad, gout)  # nothing clipped: identity STE
+    scale, zp = _ref_ema_uint8(xs, 0.1)
+    assert torch.allclose(q.scale, scale, rtol=1e-6) and torch.equal(q.zero_point, zp)
+    q.eval()
+    x = torch.randn(32, 7, generator=g) * 10
+    assert torch.equal(q(x), torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero_point,
+                                                                   0, 255))
+
+
+def test_running_train_range_clips_with_zero_gradient():
+    q = Quantizer(QuantSpec("int8", observer="minmax"))
+    q(torch.tensor([-1.0, 1.0]))
+    x = torch.tensor([-3.0, 0.5, 3.0], requires_grad=True)
+    q.observer.frozen = True
+    out = q(x)
+    ref = torch.fake_quantize_per_tensor_affine(x.detach(), q.scale, q.zero_point, -128, 127)
+    assert torch.equal(out.detach(), ref) and out[0].item() == pytest.approx(-128 / 127)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 0.0]))
+
+
 def test_quantizer_uninitialised_eval_is_an_error():
     q = Quantizer(QuantSpec("uint8", observer="ema")).eval()
     with pytest.raises(RuntimeError, match="calibrate"):

@@ -7,23 +7,26 @@ gradients. Schemes are registered by short names (:func:`register_scheme`); the 
 name          weights             activations         gradients              first/last
 ============  ==================  ==================  =====================  ==========
 fp32          -                   -                   -                      -
-w8a8          int8 per channel    uint8 EMA range     -                      same
-w8a8g8        int8 per channel    uint8 EMA range     int8, stochastic       same
-w4a8          int4 per channel    uint8 EMA range     -                      w8a8
-w4a4          int4 per channel    uint4 EMA range     -                      w8a8
-w2a2          int2 per channel    uint2 EMA range     -                      w8a8
-w1a2          binary (+-1)        uint2 EMA range     -                      w8a8
+w8a8          int8 per channel    uint8 batch / EMA   -                      same
+w8a8g8        int8 per channel    uint8 batch / EMA   int8, stochastic       same
+w4a8          int4 per channel    uint8 batch / EMA   -                      w8a8
+w4a4          int4 per channel    uint4 batch / EMA   -                      w8a8
+w2a2          int2 per channel    uint2 batch / EMA   -                      w8a8
+w1a2          binary (+-1)        uint2 batch / EMA   -                      w8a8
 w1a1          binary (+-1)        binary (+-1)        -                      w8a8
 fp8           e5m2                e5m2                e5m2, stochastic       fp32
 fp8-hybrid    e4m3 per-tensor     e4m3 per-tensor     e5m2, stochastic       fp32
               scaled (current)    scaled (current)
 ============  ==================  ==================  =====================  ==========
 
-Integer weight scales come from the current max |w| of each output channel (symmetric);
-activation ranges are exponential moving averages of the batch min/max (affine, unsigned,
-momentum 0.1), updated in training mode. ``fp8`` follows the FP8 training paper (1-5-2
-everywhere, no per-tensor scaling; loss scaling is the trainer's job); ``fp8-hybrid`` is
-today's recipe (e4m3 forward with per-tensor scales, e5m2 backward).
+Integer weight scales come from the current max |w| of each output channel (symmetric).
+Integer activations are affine (unsigned, zero point from the range): in training each batch
+is quantized with its own min/max (so nothing is clipped and the straight-through gradient
+is the identity, as in the 8-bit training paper's code) while an exponential moving average
+of those ranges (PyTorch semantics, momentum 0.1) is kept in buffers and used in eval mode.
+``fp8`` follows the FP8 training paper (1-5-2 everywhere, no per-tensor scaling; loss scaling
+is the trainer's job); ``fp8-hybrid`` is today's recipe (e4m3 forward with per-tensor scales
+from the current max |x|, e5m2 backward).
 """
 
 from __future__ import annotations
@@ -62,11 +65,12 @@ def weight_spec(fmt: Any) -> QuantSpec:
 
 
 def act_spec(fmt: Any) -> QuantSpec:
-    """The default activation spec: integers per tensor with an EMA range; other formats
-    unscaled."""
+    """The default activation spec: integers per tensor, quantized in training with the
+    batch's own min/max while an EMA of it (momentum 0.1) is kept for eval (the 8-bit
+    training paper's rule); other formats unscaled."""
     spec = QuantSpec.parse(fmt)
     if _format_kind(spec.format) == "int":
-        return QuantSpec.parse(spec, observer="ema")
+        return QuantSpec.parse(spec, observer="ema", train_range="batch")
     return QuantSpec.parse(spec, observer="none")
 
 

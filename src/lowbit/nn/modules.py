@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.quant.functional import fake_quantize, quantize_grad
-from lowbit.quant.observers import _check_tensor, _normalize_axis, make_observer
+from lowbit.quant.observers import (
+    _check_tensor,
+    _normalize_axis,
+    make_observer,
+    qparams_from_range,
+)
 from lowbit.quant.spec import QuantSpec, _choices_error, _format_kind
 
 __all__ = [
@@ -46,6 +51,22 @@ __all__ = [
 
 def _spec_or_none(spec: Any) -> QuantSpec | None:
     return spec if spec is None else QuantSpec.parse(spec)
+
+
+class _UnclippedFakeQuantize(torch.autograd.Function):
+    """Fake quantization over a range that contains every input value.
+
+    Nothing is clipped, so the clipped straight-through estimator reduces to the identity:
+    the forward runs without storing a mask and the backward passes the gradient through.
+    """
+
+    @staticmethod
+    def forward(ctx, x, quantizer, scale, zero_point):  # noqa: D102
+        return quantizer._fq(x, scale, zero_point)  # grad mode is off here: no mask
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return grad, None, None, None
 
 
 class Quantizer(nn.Module):
@@ -93,6 +114,8 @@ class Quantizer(nn.Module):
             self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         else:
             self.observer = None
+        # the batch's own min/max covers every value: training needs no clipping mask
+        self._batch_range_is_full = spec.observer in ("minmax", "ema")
 
     def _fq(self, x: Tensor, scale: Tensor | None, zero_point: Tensor | None) -> Tensor:
         spec = self.spec
@@ -113,8 +136,6 @@ class Quantizer(nn.Module):
 
     def dynamic_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point the ``"dynamic"`` observer gives ``x`` (min/max of x)."""
-        from lowbit.quant.observers import qparams_from_range
-
         _check_tensor(x)
         if self.axis is None:
             mn, mx = torch.aminmax(x.detach())
@@ -130,12 +151,10 @@ class Quantizer(nn.Module):
             return x
         obs = self.observer
         if obs is None:
-            if spec.observer == "dynamic" and self.kind == "float":
-                scale, _ = self.dynamic_qparams(x)
-                return self._fq(x, scale, None)
-            if spec.observer == "dynamic" and spec.symmetric is not None:
+            if spec.observer == "dynamic" and (self.kind == "float" or spec.symmetric is not None):
+                # the scale covers max|x|: nothing is clipped, the STE is the identity
                 scale, zp = self.dynamic_qparams(x)
-                return self._fq(x, scale, zp)
+                return self._fq_unclipped(x, scale, None if self.kind == "float" else zp)
             # integer formats: fake_quantize takes the range of x itself (one fused pass);
             # minifloats at their native range; binary/ternary as the format defines them
             return self._fq(x, None, None)
@@ -145,6 +164,14 @@ class Quantizer(nn.Module):
                 self._refresh()
             return x
         if self.training and not obs.frozen:
+            if spec.train_range == "batch":
+                mn, mx = obs.batch_range(x)
+                obs.update_range(mn, mx)
+                self._refresh()
+                scale, zp = qparams_from_range(mn, mx, self.fmt, symmetric=spec.symmetric)
+                if self._batch_range_is_full:
+                    return self._fq_unclipped(x, scale, zp)
+                return self._fq(x, scale, zp)
             obs.update(x)
             self._refresh()
         elif not obs.initialized:
@@ -154,6 +181,13 @@ class Quantizer(nn.Module):
                 "evaluating"
             )
         return self._fq(x, self.scale, self.zero_point)
+
+    def _fq_unclipped(self, x: Tensor, scale: Tensor, zero_point: Tensor | None) -> Tensor:
+        """fake_quantize with a range known to contain every value of x: identity gradient,
+        no mask stored, no backward pass."""
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            return self._fq(x, scale, zero_point)
+        return _UnclippedFakeQuantize.apply(x, self, scale, zero_point)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:

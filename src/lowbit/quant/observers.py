@@ -172,13 +172,25 @@ class Observer(nn.Module):
             self.max_val = new_max.detach().float().clone()
 
     @torch.no_grad()
+    def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The range this observer reads from one batch (min/max, percentiles, MSE clip),
+        without updating anything."""
+        _check_tensor(x)
+        return self._batch_range(x.detach())
+
+    @torch.no_grad()
     def update(self, x: Tensor) -> None:
         """Fold the range of ``x`` into the running range (no-op when ``frozen``)."""
         if self.frozen:
             return
-        _check_tensor(x)
-        x = x.detach()
-        new_min, new_max = self._batch_range(x)
+        self.update_range(*self.batch_range(x))
+
+    @torch.no_grad()
+    def update_range(self, new_min: Tensor, new_max: Tensor) -> None:
+        """Fold a batch range from :meth:`batch_range` into the running range (no-op when
+        ``frozen``)."""
+        if self.frozen:
+            return
         if self.axis is not None and self._n > 0 and new_min.shape != self.min_val.shape:
             raise ValueError(
                 f"x has {new_min.shape[0]} channels along axis {self.axis}, the observer "

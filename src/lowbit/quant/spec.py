@@ -29,6 +29,7 @@ from typing import Any
 
 GRANULARITIES = ("tensor", "channel", "group")
 ROUNDINGS = ("nearest", "stochastic")
+TRAIN_RANGES = ("running", "batch")
 STATELESS_OBSERVERS = ("dynamic", "none")
 
 
@@ -82,6 +83,8 @@ class QuantSpec:
         symmetric: ``None`` chooses from the format: symmetric for signed formats, affine
             (with a zero point) for unsigned ones.
         enabled: ``False`` turns the quantizer into the identity.
+        train_range: ``"running"`` or ``"batch"``: the range that quantizes a training batch
+            when the observer is stateful (see the module docstring).
     """
 
     fmt: Any
@@ -93,6 +96,7 @@ class QuantSpec:
     observer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     symmetric: bool | None = None
     enabled: bool = True
+    train_range: str = "running"
 
     def __post_init__(self) -> None:
         from lowbit.formats import get_format
@@ -103,6 +107,8 @@ class QuantSpec:
             raise _choices_error("granularity", self.granularity, GRANULARITIES)
         if self.rounding not in ROUNDINGS:
             raise _choices_error("rounding", self.rounding, ROUNDINGS)
+        if self.train_range not in TRAIN_RANGES:
+            raise _choices_error("train_range", self.train_range, TRAIN_RANGES)
         observers = (*STATELESS_OBSERVERS, *_observer_classes())
         if self.observer not in observers:
             raise _choices_error("observer", self.observer, observers)
@@ -187,6 +193,8 @@ class QuantSpec:
             parts.append(f"group{self.group_size}")
         if self.observer not in STATELESS_OBSERVERS:
             parts.append(self.observer)
+            if self.train_range == "batch":
+                parts.append("batch")
         if self.rounding == "stochastic":
             parts.append("sr")
         if not self.enabled:
