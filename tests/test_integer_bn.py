@@ -355,3 +355,18 @@ def test_bad_arguments():
         fp.apply(np.array([[200]]))
     with pytest.raises(TypeError, match="integer"):
         fp.apply(np.array([[0.5]]))
+
+
+def test_wide_accumulator_range_exhaustive_per_channel():
+    """A 21-bit accumulator bound: exact on every one of its 2^21 + 1 inputs."""
+    lo, hi = -(2**20), 2**20
+    a = [3.1e-4, -7.7e-5, 2.0**-12]
+    b = [12.3, -40.0, 0.5]
+    fp = fixed_point_affine(a, b, (lo, hi), "int8", output_zero_point=3)
+    xs = np.arange(lo, hi + 1)
+    for c in range(len(a)):
+        exact = exact_outputs(ExactAffine.from_affine([a[c]], [b[c]]), xs, "int8",
+                              output_zero_point=3)[0]
+        M, C, k, w = (int(v[c]) for v in (fp.multiplier, fp.offset, fp.shift, fp.tie_window))
+        got = np.clip(fixed_point_round(M * xs + C, k, w) + 3, -128, 127)
+        np.testing.assert_array_equal(got, exact)

@@ -252,7 +252,7 @@ class FixedPointAffine:
     shift: np.ndarray
     tie_window: np.ndarray
     min_shift: np.ndarray
-    input_range: tuple[int, int]
+    input_ranges: np.ndarray
     output_range: tuple[int, int]
     output_zero_point: int
     rounding: str
@@ -263,11 +263,16 @@ class FixedPointAffine:
     def channels(self) -> int:
         return len(self.multiplier)
 
+    @property
+    def input_range(self) -> tuple[int, int]:
+        """The union of the per-channel input ranges."""
+        return int(self.input_ranges[:, 0].min()), int(self.input_ranges[:, 1].max())
+
     def acc_extremes(self) -> tuple[list[int], list[int]]:
-        """Smallest and largest ``M·x + C`` over the input range, per channel."""
-        lo, hi = self.input_range
+        """Smallest and largest ``M·x + C`` over each channel's input range."""
         mins, maxs = [], []
-        for M, C in zip(self.multiplier.tolist(), self.offset.tolist()):
+        for M, C, (lo, hi) in zip(self.multiplier.tolist(), self.offset.tolist(),
+                                  self.input_ranges.tolist()):
             e1, e2 = M * lo + C, M * hi + C
             mins.append(min(e1, e2))
             maxs.append(max(e1, e2))
@@ -300,15 +305,16 @@ class FixedPointAffine:
         x = np.asarray(x)
         if x.dtype.kind not in "iu":
             raise TypeError(f"x must be an integer array, got dtype {x.dtype}")
-        lo, hi = self.input_range
-        if x.size and (x.min() < lo or x.max() > hi):
-            raise ValueError(f"x must lie in the input range [{lo}, {hi}]")
         axis = axis % max(x.ndim, 1)
         if x.shape[axis] != self.channels:
             raise ValueError(f"x has {x.shape[axis]} channels on axis {axis}, "
                              f"expected {self.channels}")
         shape = [1] * x.ndim
         shape[axis] = self.channels
+        if x.size and ((x < self.input_ranges[:, 0].reshape(shape)).any()
+                       or (x > self.input_ranges[:, 1].reshape(shape)).any()):
+            raise ValueError("x must lie in the input range of its channel "
+                             f"(overall [{self.input_range[0]}, {self.input_range[1]}])")
         if max(self.acc_bits()) <= 63:
             M = self.multiplier.astype(np.int64).reshape(shape)
             C = self.offset.astype(np.int64).reshape(shape)
@@ -353,10 +359,11 @@ def _choose(lo_r, hi_r, lo_inf_r, hi_inf_r, pos_r, k: int, w: int, m_lo, m_hi, A
 
 def _reduced_inputs(affine: ExactAffine, c: int, in_range: tuple[int, int],
                     out_range: tuple[int, int], zout: int, rounding: str) -> np.ndarray:
-    """The inputs whose constraints matter: all unclamped ones and the ends of the clamped runs.
+    """The inputs whose constraints matter: the two ends of every run of equal exact outputs.
 
-    The exact output is monotone in ``x``, so the inputs that clamp low (high) form one run; a
-    linear ``M·x + C`` obeys a one-sided constant bound on a run iff it does at the run's ends.
+    Inside a run the bounds on ``M·x + C`` are the same constants, and a linear function obeys a
+    constant bound on an interval iff it does at both ends. The exact output is monotone in
+    ``x``, so the inputs that clamp low (high) form one such run.
     """
     A, B, D = affine.num_a[c], affine.num_b[c], affine.den[c]
     qmin, qmax = out_range
@@ -381,12 +388,32 @@ def _reduced_inputs(affine: ExactAffine, c: int, in_range: tuple[int, int],
     pts = []
     if f1 > lo:
         pts += [lo, f1 - 1]
+    one = ExactAffine((A,), (B,), (D,))
+    for s0 in range(f1, f2, 1 << 20):  # inside: the ends of each run of equal outputs
+        xs = np.arange(s0, min(f2 - 1, s0 + (1 << 20)) + 1, dtype=np.int64)
+        n = exact_round(one, xs, rounding)[0]
+        step = np.nonzero(np.diff(n))[0]
+        pts += [xs[step], xs[step + 1], s0]
     if f2 > f1:
-        pts.append(np.arange(f1, f2, dtype=np.int64))
+        pts.append(f2 - 1)
     if f2 <= hi:
         pts += [f2, hi]
     parts = [np.atleast_1d(np.asarray(p, dtype=np.int64)) for p in pts]
     return np.unique(np.concatenate(parts))
+
+
+def _input_ranges(spec: Any, channels: int) -> np.ndarray:
+    """``[channels, 2]`` int64 bounds from one shared range or one ``(lo, hi)`` per channel."""
+    per_channel = (isinstance(spec, np.ndarray) and spec.ndim == 2) or (
+        isinstance(spec, (list, tuple)) and len(spec) > 0
+        and all(isinstance(r, (list, tuple, np.ndarray)) for r in spec))
+    if not per_channel:
+        lo, hi = int_range(spec, "input_range")
+        return np.tile(np.array([[lo, hi]], dtype=np.int64), (channels, 1))
+    pairs = [int_range(tuple(int(v) for v in r), "input_range") for r in spec]
+    if len(pairs) != channels:
+        raise ValueError(f"input_range has {len(pairs)} per-channel ranges, expected {channels}")
+    return np.array(pairs, dtype=np.int64)
 
 
 def fixed_point_affine(a: Any, b: Any, input_range: Any, output_range: Any, *,
@@ -398,8 +425,9 @@ def fixed_point_affine(a: Any, b: Any, input_range: Any, output_range: Any, *,
     ``a``, ``b``: per-channel coefficients in output-scale units (floats are taken exactly; see
     :func:`lowbit.integer.exact.fold_scales`); ``input_range``/``output_range``: a format name
     (``"int8"``, ``"uint8"``, ``"int4"``), a format, or an integer pair ``(lo, hi)`` such as an
-    accumulator's proven bound. The shift is the certified minimum per channel, or the layer's
-    largest one with ``shared_shift=True``. Cost: ``O(k)`` passes over the unclamped inputs.
+    accumulator's proven bound; ``input_range`` may also be one pair per channel. The shift is
+    the certified minimum per channel, or the layer's largest one with ``shared_shift=True``.
+    Cost: ``O(k)`` passes over the unclamped inputs.
     """
     check_rounding(rounding)
     for name, z in (("input_zero_point", input_zero_point),
@@ -410,16 +438,17 @@ def fixed_point_affine(a: Any, b: Any, input_range: Any, output_range: Any, *,
         raise ValueError(f"max_shift must be an int in [0, 200], got {max_shift!r}")
     if not isinstance(shared_shift, bool):
         raise TypeError(f"shared_shift must be a bool, got {shared_shift!r}")
-    in_range = int_range(input_range, "input_range")
     out_range = int_range(output_range, "output_range")
-    if max(abs(in_range[0]), abs(in_range[1])) >= 2**52:
+    affine = ExactAffine.from_affine(a, b, int(input_zero_point))
+    C = affine.channels
+    ranges = _input_ranges(input_range, C)
+    if np.abs(ranges).max() >= 2**52:
         raise ValueError("input_range must lie within ±2**52")
     if max(abs(out_range[0]), abs(out_range[1]), abs(int(output_zero_point))) >= 2**48:
         raise ValueError("output_range and output_zero_point must lie within ±2**48")
-    affine = ExactAffine.from_affine(a, b, int(input_zero_point))
     zout = int(output_zero_point)
-    C = affine.channels
-    reduced = [_reduced_inputs(affine, c, in_range, out_range, zout, rounding) for c in range(C)]
+    reduced = [_reduced_inputs(affine, c, tuple(ranges[c].tolist()), out_range, zout, rounding)
+               for c in range(C)]
     k_star = np.full(C, -1, dtype=np.int64)
     s_star = np.zeros(C, dtype=np.int64)
     proof: list = [None] * C
@@ -492,7 +521,7 @@ def fixed_point_affine(a: Any, b: Any, input_range: Any, output_range: Any, *,
             w = 0 if s == 0 else 1 << (k - s)
             m_lo, m_hi = levels[s].m_range(r, k)
             Ms[c], Cs[c] = _choose(lo[r], hi[r], lo_inf[r], hi_inf[r], pos[r], k, w, m_lo, m_hi,
-                                   affine.num_a[c], affine.den[c], in_range)
+                                   affine.num_a[c], affine.den[c], tuple(ranges[c].tolist()))
             ks[c], ws[c] = k, w
-    return FixedPointAffine(Ms, Cs, ks, ws, k_star, in_range, out_range, zout, rounding,
+    return FixedPointAffine(Ms, Cs, ks, ws, k_star, ranges, out_range, zout, rounding,
                             affine, proof)
