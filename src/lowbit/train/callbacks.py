@@ -74,3 +74,22 @@ def _make(name: str) -> Any:
 def build_callbacks(names: Iterable[str]) -> list[Any]:
     """Instantiate the callbacks named in a recipe."""
     return [_make(n) for n in names]
+
+
+class ClipLatentWeights(Callback):
+    """After every step, clamp the latent weights of binary/ternary layers to [-bound, bound].
+
+    The BinaryNet rule (``lowbit.nn.clip_latent_weights``); named ``"clip_latent_weights"`` in
+    ``train.callbacks``.
+    """
+
+    def __init__(self, bound: float = 1.0) -> None:
+        self.bound = float(bound)
+
+    def after_step(self, trainer: Any) -> None:
+        from ..nn import clip_latent_weights
+
+        clip_latent_weights(trainer.model, self.bound)
+
+
+register_callback("clip_latent_weights", ClipLatentWeights)
