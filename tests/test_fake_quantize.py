@@ -351,3 +351,110 @@ def test_bad_input(kwargs, err, match):
 def test_non_float_tensor_rejected(x):
     with pytest.raises(TypeError, match="x must be"):
         fake_quantize(x, "int8")
+
+
+# ---------------------------------------------------------------- fused kernel == reference
+def _kernel_available() -> bool:
+    from lowbit.kernels import fake_quant
+
+    return fake_quant.available()
+
+
+needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="fused kernel did not build")
+
+
+def _run_both(monkeypatch, fn):
+    """(reference result, kernel result) of fn(), which must build a fresh generator."""
+    monkeypatch.setenv("LOWBIT_NO_EXT", "1")
+    ref = fn()
+    monkeypatch.setenv("LOWBIT_NO_EXT", "0")
+    return ref, fn()
+
+
+def _fq_with_grad(x, fmt, seed, **kw):
+    x = x.clone().requires_grad_()
+    y = fake_quantize(x, fmt, generator=torch.Generator().manual_seed(seed), **kw)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+kernel_formats = st.sampled_from(
+    ["int8", "uint8", "int4", "uint2", "int16", "int8-narrow", "e4m3", "e5m2", "e3m2", "e2m1",
+     "e5m10", "fp16", "bf16", "fp32", "e4m3-ieee", "e6m5", "e8m2", "e7m0"])
+
+
+@needs_kernel
+@settings(max_examples=120, deadline=None)
+@given(kernel_formats, st.sampled_from(["nearest", "stochastic"]),
+       st.sampled_from(["tensor", "given", "channel", "group"]), shapes, st.integers(0, 2**20),
+       st.floats(-8, 8), st.data())
+def test_kernel_matches_reference(fmt, rounding, layout, shape, seed, log_mag, data):
+    monkeypatch = pytest.MonkeyPatch()
+    f = get_format(fmt)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2**log_mag
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-40, 1e30])
+    flat = x.view(-1)
+    k = min(len(specials), flat.numel() // 3)
+    flat[:k] = specials[:k]
+    kw = {"rounding": rounding}
+    is_float = fmt.startswith(("e", "fp", "bf"))
+    if layout == "given" or (is_float and layout in ("channel", "group")):
+        axis = data.draw(st.integers(0, x.dim() - 1)) if layout != "given" else None
+        n = 1 if axis is None else x.shape[axis]
+        kw.update(scale=(torch.rand(n, generator=g) + 0.1) * 2 ** data.draw(st.floats(-6, 6)),
+                  axis=axis)
+        if layout == "group":
+            k_g = data.draw(st.sampled_from([1, x.shape[-1]]))
+            shape_g = x.shape[:-1] + (x.shape[-1] // k_g,)
+            kw.update(axis=-1, group_size=k_g, scale=(torch.rand(shape_g, generator=g) + 0.1))
+        if not is_float:
+            kw["zero_point"] = data.draw(st.integers(f.qmin, f.qmax))
+    elif layout == "channel":
+        kw["axis"] = data.draw(st.integers(-x.dim(), x.dim() - 1))
+    elif layout == "group":
+        kw.update(axis=-1, group_size=data.draw(st.sampled_from([1, x.shape[-1]])))
+    if is_float and "scale" not in kw:
+        kw.pop("axis", None), kw.pop("group_size", None)
+    (y_ref, g_ref), (y_k, g_k) = _run_both(
+        monkeypatch, lambda: _fq_with_grad(x, fmt, seed, **kw))
+    monkeypatch.undo()
+    assert same(y_ref, y_k), (fmt, kw)
+    assert same(g_ref, g_k), (fmt, kw)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, axis", [((3, 5000), 0), ((5000, 3), 1), ((2, 3, 1700), 1),
+                                         ((9001,), None), ((7,), None)])
+@pytest.mark.parametrize("fmt", ["int8", "e5m2"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_kernel_block_and_channel_boundaries(monkeypatch, shape, axis, fmt, rounding):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 40
+    kw = {"rounding": rounding}
+    if axis is not None:
+        kw.update(axis=axis, scale=torch.linspace(0.1, 2.0, shape[axis]))
+    (y_ref, g_ref), (y_k, g_k) = _run_both(monkeypatch, lambda: _fq_with_grad(x, fmt, 3, **kw))
+    assert same(y_ref, y_k) and same(g_ref, g_k)
+
+
+def test_packed_mask_torch_unpacking_matches_kernel():
+    from lowbit.kernels.fake_quant import masked_grad
+
+    bits = torch.randint(0, 256, (5,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    want = torch.tensor([(int(b) >> j) & 1 for b in bits for j in range(8)], dtype=torch.float64)
+    g = torch.randn(37, dtype=torch.float64)
+    assert torch.equal(masked_grad(g, bits), g * want[:37])  # float64: the torch path
+    if _kernel_available():
+        g32 = g.float()
+        assert torch.equal(masked_grad(g32, bits), g32 * want[:37].float())
+
+
+@needs_kernel
+def test_kernel_path_is_taken_and_can_be_disabled(monkeypatch):
+    x = torch.randn(100, requires_grad=True)
+    monkeypatch.setenv("LOWBIT_NO_EXT", "0")
+    saved = fake_quantize(x, "int8").grad_fn.saved_tensors[0]
+    assert saved.dtype == torch.uint8 and saved.numel() == 13  # bit-packed mask from the kernel
+    monkeypatch.setenv("LOWBIT_NO_EXT", "1")
+    assert fake_quantize(x, "int8").grad_fn.saved_tensors[0].dtype == torch.bool
