@@ -13,6 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.integer import ExactAffine, exact_outputs, fixed_point_affine
+from lowbit.integer.ops import (
+    Requantizer,
+    accumulator_bounds,
+    int_conv2d,
+    int_linear,
+    make_requantizer,
+    requant_coefficients,
+)
 from lowbit.integer.requant import (
     SCHEMES,
     disagreements,
@@ -174,3 +182,133 @@ def test_bad_scheme():
         requantize("fbgemm", [1.0], [0.0], INT8, "int8")
     with pytest.raises(ValueError, match="shift"):
         requantize("rounded_fixed_point", [1.0], [0.0], INT8, "int8")
+
+
+# ------------------------------------------------------------- integer GEMM and convolution
+
+def _layer(rng, o, k_in, x_range, zx, out_range, zout, with_bn=True):
+    w = torch.tensor(rng.integers(-127, 128, (o,) + k_in), dtype=torch.int8)
+    s_w = rng.uniform(0.002, 0.02, o)
+    bias = rng.normal(0, 0.3, o)
+    g = rng.normal(1, 0.5, o) if with_bn else None
+    h = rng.normal(0, 0.5, o) if with_bn else None
+    a, b = requant_coefficients(0.02, s_w, 0.05, bias=bias, bn_scale=g, bn_shift=h)
+    rq, fp = make_requantizer(w, a, b, input_range=x_range, input_zero_point=zx,
+                              output_range=out_range, output_zero_point=zout)
+    return w, a, b, rq, fp
+
+
+def _exact_from_acc(acc: np.ndarray, a, b, out_range, zout) -> np.ndarray:
+    """Exact outputs for accumulators ``acc [rows, O]``: the rational reference per channel."""
+    out = np.empty_like(acc)
+    for c in range(acc.shape[1]):
+        out[:, c] = exact_outputs(ExactAffine.from_affine([a[c]], [b[c]]), acc[:, c], out_range,
+                                  output_zero_point=zout)[0]
+    return out
+
+
+@pytest.mark.parametrize("x_fmt,zx,out_fmt,zout", [
+    ("uint8", 131, "uint8", 0), ("int8", -3, "int8", 5), ("int4", 1, "int4", -1),
+])
+def test_int_linear_bit_exact(x_fmt, zx, out_fmt, zout):
+    rng = np.random.default_rng(6)
+    lo, hi = {"uint8": (0, 255), "int8": (-128, 127), "int4": (-8, 7)}[x_fmt]
+    w, a, b, rq, fp = _layer(rng, 24, (50,), x_fmt, zx, out_fmt, zout)
+    x_np = rng.integers(lo, hi + 1, (64, 50))
+    dt = torch.uint8 if x_fmt == "uint8" else torch.int8
+    got = int_linear(torch.tensor(x_np, dtype=dt), w, rq, input_zero_point=zx)
+    assert got.dtype == (torch.uint8 if out_fmt == "uint8" else torch.int8)
+    acc = (x_np - zx) @ w.numpy().astype(np.int64).T
+    want = _exact_from_acc(acc, a, b, out_fmt, zout)
+    np.testing.assert_array_equal(got.numpy().astype(np.int64), want)
+    # and through the plain Fraction definition on a few entries
+    for r, c in [(0, 0), (5, 7), (63, 23)]:
+        f = a[c] * int(acc[r, c]) + b[c]
+        assert int(got[r, c]) == min(max(round(f) + zout, fp.output_range[0]),
+                                     fp.output_range[1])
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", [
+    (1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 2, 1), (2, 0, 1, 2),
+])
+def test_int_conv2d_bit_exact(stride, padding, dilation, groups):
+    rng = np.random.default_rng(7)
+    zx = 77
+    cin, o = 6, 8
+    w, a, b, rq, fp = _layer(rng, o, (cin // groups, 3, 3), "uint8", zx, "int8", -2)
+    x_np = rng.integers(0, 256, (2, cin, 9, 11))
+    got = int_conv2d(torch.tensor(x_np, dtype=torch.uint8), w, rq, input_zero_point=zx,
+                     stride=stride, padding=padding, dilation=dilation, groups=groups)
+    # independent accumulators: float64 convolution of (x - z) (exact for these sizes)
+    acc = torch.nn.functional.conv2d(torch.tensor(x_np - zx, dtype=torch.float64),
+                                     w.to(torch.float64), stride=stride, padding=padding,
+                                     dilation=dilation, groups=groups)
+    acc = acc.round().to(torch.int64).permute(0, 2, 3, 1).reshape(-1, o).numpy()
+    want = _exact_from_acc(acc, a, b, "int8", -2)
+    np.testing.assert_array_equal(got.permute(0, 2, 3, 1).reshape(-1, o).numpy(), want)
+
+
+def test_requantizer_matches_numpy_rule():
+    rng = np.random.default_rng(8)
+    a, b = list(rng.normal(0, 0.01, 16)), list(rng.normal(0, 20, 16))
+    fp = fixed_point_affine(a, b, (-30000, 30000), "uint8", output_zero_point=128)
+    rq = Requantizer.from_fixed_point(fp)
+    acc = rng.integers(-30000, 30001, (100, 16))
+    np.testing.assert_array_equal(rq(torch.tensor(acc, dtype=torch.int32)).numpy(),
+                                  fp.apply(acc, axis=1))
+
+
+def test_requantizer_ties_and_windows():
+    """Channels whose exact ties need the tie window, through the torch kernel."""
+    a = [0.5, 0.25, -0.75, Fraction(1, 3), Fraction(2, 5), 0.0]
+    b = [0.0, 0.5, 0.25, Fraction(1, 6), Fraction(1, 10), 2.5]
+    lo, hi = -2000, 2000
+    fp = fixed_point_affine(a, b, (lo, hi), (-(2**15), 2**15 - 1))
+    assert (fp.tie_window.astype(int) > 0).sum() >= 4
+    rq = Requantizer.from_fixed_point(fp)
+    xs = np.arange(lo, hi + 1)
+    got = rq(torch.tensor(np.stack([xs] * len(a), 1)), dim=1).numpy().T
+    want = exact_outputs(ExactAffine.from_affine(a, b), xs, (-(2**15), 2**15 - 1))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_integer_kernels_run_no_float_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = out if isinstance(out, (tuple, list)) else [out]
+            ins = [t for t in args if isinstance(t, torch.Tensor)]
+            self.seen += [(str(func), t.dtype) for t in [*flat, *ins]
+                          if isinstance(t, torch.Tensor)]
+            return out
+
+    rng = np.random.default_rng(9)
+    w, a, b, rq, _ = _layer(rng, 8, (4, 3, 3), "uint8", 10, "uint8", 3)
+    x = torch.tensor(rng.integers(0, 256, (1, 4, 6, 6)), dtype=torch.uint8)
+    wl, al, bl, rql, _ = _layer(rng, 5, (8 * 36,), "uint8", 3, "int8", 0)
+    with Dtypes() as mode:
+        y = int_conv2d(x, w, rq, input_zero_point=10, padding=1)
+        int_linear(y.reshape(1, -1), wl, rql, input_zero_point=3)
+    assert len(mode.seen) > 10
+    floats = [(f, d) for f, d in mode.seen if d.is_floating_point or d.is_complex]
+    assert not floats, floats[:5]
+
+
+def test_kernel_bad_input():
+    rng = np.random.default_rng(10)
+    w, a, b, rq, _ = _layer(rng, 4, (6,), "int8", 0, "int8", 0)
+    with pytest.raises(TypeError, match="int8 or uint8"):
+        int_linear(torch.zeros(2, 6), w, rq, input_zero_point=0)
+    with pytest.raises(TypeError, match="weight"):
+        int_linear(torch.zeros(2, 6, dtype=torch.int8), w.to(torch.int32), rq,
+                   input_zero_point=0)
+    with pytest.raises(ValueError, match="zero_point"):
+        accumulator_bounds(w, "int8", 200)
+    with pytest.raises(TypeError, match="integer"):
+        rq(torch.zeros(3, 4))
