@@ -4,9 +4,23 @@
   and gradient quantizers (:mod:`lowbit.nn.modules`);
 * :func:`convert` -- swap the layers of a model by scheme name, with per-layer overrides
   (:mod:`lowbit.nn.convert`);
-* :func:`summary` -- per-layer formats and memory (:mod:`lowbit.nn.summary`).
+* :func:`summary` -- per-layer formats and memory (:mod:`lowbit.nn.summary`);
+* BatchNorm variants: Range/L1/L-inf BN (:mod:`lowbit.nn.batchnorm`), shift-based BN
+  (:mod:`lowbit.nn.shift_bn`), bounded weight normalisation (:mod:`lowbit.nn.weight_norm`);
+* packed binary inference layers (:mod:`lowbit.nn.binary`).
 """
 
+from .batchnorm import (
+    BATCHNORM_VARIANTS,
+    L1BatchNorm1d,
+    L1BatchNorm2d,
+    LinfBatchNorm1d,
+    LinfBatchNorm2d,
+    RangeBatchNorm1d,
+    RangeBatchNorm2d,
+    replace_batchnorm,
+)
+from .binary import PackedBinaryConv2d, PackedBinaryLinear, pack_binary_model
 from .convert import (
     QuantScheme,
     act_spec,
@@ -29,7 +43,13 @@ from .modules import (
     register_gemm,
     set_calibrating,
 )
+from .shift_bn import ShiftBatchNorm1d, ShiftBatchNorm2d
 from .summary import summary
+from .weight_norm import (
+    BoundedWeightNorm,
+    apply_bounded_weight_norm,
+    remove_bounded_weight_norm,
+)
 
 __all__ = [
     "QLinear",
@@ -51,4 +71,20 @@ __all__ = [
     "set_calibrating",
     "freeze_observers",
     "summary",
+    "BATCHNORM_VARIANTS",
+    "RangeBatchNorm1d",
+    "RangeBatchNorm2d",
+    "L1BatchNorm1d",
+    "L1BatchNorm2d",
+    "LinfBatchNorm1d",
+    "LinfBatchNorm2d",
+    "replace_batchnorm",
+    "ShiftBatchNorm1d",
+    "ShiftBatchNorm2d",
+    "BoundedWeightNorm",
+    "apply_bounded_weight_norm",
+    "remove_bounded_weight_norm",
+    "PackedBinaryLinear",
+    "PackedBinaryConv2d",
+    "pack_binary_model",
 ]

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from lowbit.quant.functional import fake_quantize, quantize_grad
 from lowbit.quant.observers import (
     _check_tensor,
-    _normalize_axis,
     make_observer,
     qparams_from_range,
+    tensor_range,
 )
 from lowbit.quant.spec import QuantSpec, _choices_error, _format_kind
 
@@ -116,6 +116,8 @@ class Quantizer(nn.Module):
             self.observer = None
         # the batch's own min/max covers every value: training needs no clipping mask
         self._batch_range_is_full = spec.observer in ("minmax", "ema")
+        self._dynamic_range = (spec.observer == "dynamic" and self.kind in ("int", "float")
+                               and spec.granularity != "group")
 
     def _fq(self, x: Tensor, scale: Tensor | None, zero_point: Tensor | None) -> Tensor:
         spec = self.spec
@@ -137,12 +139,7 @@ class Quantizer(nn.Module):
     def dynamic_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point the ``"dynamic"`` observer gives ``x`` (min/max of x)."""
         _check_tensor(x)
-        if self.axis is None:
-            mn, mx = torch.aminmax(x.detach())
-        else:
-            ax = _normalize_axis(self.axis, x.dim())
-            dims = tuple(d for d in range(x.dim()) if d != ax)
-            mn, mx = torch.amin(x.detach(), dim=dims), torch.amax(x.detach(), dim=dims)
+        mn, mx = tensor_range(x.detach(), self.axis)
         return qparams_from_range(mn, mx, self.fmt, symmetric=self.spec.symmetric)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -151,12 +148,12 @@ class Quantizer(nn.Module):
             return x
         obs = self.observer
         if obs is None:
-            if spec.observer == "dynamic" and (self.kind == "float" or spec.symmetric is not None):
-                # the scale covers max|x|: nothing is clipped, the STE is the identity
+            if self._dynamic_range:
+                # the range of x itself: nothing is clipped, the STE is the identity
                 scale, zp = self.dynamic_qparams(x)
                 return self._fq_unclipped(x, scale, None if self.kind == "float" else zp)
-            # integer formats: fake_quantize takes the range of x itself (one fused pass);
-            # minifloats at their native range; binary/ternary as the format defines them
+            # groups: fake_quantize takes the range of each group itself; minifloats with
+            # observer "none" at their native range; binary/ternary as the format defines them
             return self._fq(x, None, None)
         if self.calibrating:
             if not obs.frozen:

@@ -17,6 +17,7 @@ from .observers import (
     PercentileObserver,
     make_observer,
     qparams_from_range,
+    tensor_range,
 )
 from .spec import QuantSpec
 
@@ -33,4 +34,5 @@ __all__ = [
     "SCALE_EPS",
     "make_observer",
     "qparams_from_range",
+    "tensor_range",
 ]

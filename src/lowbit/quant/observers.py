@@ -54,6 +54,7 @@ __all__ = [
     "MSEObserver",
     "OBSERVERS",
     "qparams_from_range",
+    "tensor_range",
     "make_observer",
 ]
 
@@ -72,6 +73,20 @@ def _normalize_axis(axis: int, ndim: int) -> int:
             f"{-ndim}..{ndim - 1}"
         )
     return axis % ndim
+
+
+def tensor_range(x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(min, max)`` of ``x``, over everything (``axis=None``) or per index of ``axis``."""
+    if axis is None:
+        return torch.aminmax(x)
+    ax = _normalize_axis(axis, x.dim())
+    if x.dim() == 1:
+        return x, x
+    if ax == 0 and x.is_contiguous():  # (aminmax with dim= is slower than amin + amax)
+        rows = x.reshape(x.shape[0], -1)
+        return rows.amin(dim=1), rows.amax(dim=1)
+    dims = tuple(d for d in range(x.dim()) if d != ax)
+    return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
 
 
 def qparams_from_range(
@@ -144,13 +159,7 @@ class Observer(nn.Module):
     # -- statistics ---------------------------------------------------------------------
     def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(min, max) of this batch, per tensor or per channel."""
-        if self.axis is None:
-            return torch.aminmax(x)
-        ax = _normalize_axis(self.axis, x.dim())
-        dims = tuple(d for d in range(x.dim()) if d != ax)
-        if not dims:
-            return x, x
-        return torch.amin(x, dim=dims), torch.amax(x, dim=dims)
+        return tensor_range(x, self.axis)
 
     def _channels_view(self, x: Tensor) -> Tensor:
         """x as ``[C, N]`` (per channel) or ``[1, N]`` (per tensor)."""
