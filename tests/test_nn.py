@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lowbit.nn import (
@@ -280,3 +284,43 @@ def test_module_state_dict_round_trip():
     fresh.load_state_dict(q.state_dict())
     x = torch.randn(2, 3, 6, 6)
     assert torch.equal(fresh.eval()(x), q.eval()(x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    out_ch=st.integers(1, 6),
+    rest=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    bits=st.integers(2, 8),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_dynamic_weights_and_batch_activations(out_ch, rest, bits, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_ch, *rest, generator=g) * scale
+    wq = Quantizer(QuantSpec(f"int{bits}", granularity="channel"), axis=0)
+    qmax = 2 ** (bits - 1) - 1
+    s = (w.abs().reshape(out_ch, -1).amax(1) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+    ref = torch.fake_quantize_per_channel_affine(w, s, torch.zeros(out_ch, dtype=torch.int32),
+                                                 0, -qmax - 1, qmax)
+    assert torch.equal(wq(w), ref)
+    x = torch.randn(out_ch, *rest, generator=g) * scale + scale * 0.3
+    aq = Quantizer(QuantSpec(f"uint{bits}", observer="ema", train_range="batch"))
+    lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    sa = ((hi - lo) / (2**bits - 1)).clamp_min(torch.finfo(torch.float32).tiny)
+    za = int((0 - torch.round(lo / sa)).clamp(0, 2**bits - 1))
+    assert torch.equal(aq(x), torch.fake_quantize_per_tensor_affine(x, sa, za, 0, 2**bits - 1))
+
+
+def test_converted_model_deepcopies_and_pickles(tmp_path):
+    from lowbit.nn import convert
+
+    model = convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(2 * 4 * 4, 3)), "w4a4", first_last="same")
+    x = torch.randn(2, 1, 6, 6)
+    model(x)
+    model.eval()
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(loaded(x), model(x))
