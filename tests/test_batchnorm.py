@@ -401,6 +401,88 @@ def test_gradcheck_float64(cls: type, kw: dict, shape: tuple[int, ...]) -> None:
     )
 
 
+def naive_forward(x: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor,
+                  eps: float, *, num_chunks: int | None = None, topk: int = 10,
+                  act_format: str | None = None) -> torch.Tensor:
+    """The estimators written plainly, differentiated by autograd (reference for backward)."""
+    from lowbit.quant.functional import fake_quantize
+
+    dims = (0, *range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    n = x.numel() // x.shape[1]
+    c = x - x.mean(dim=dims, keepdim=True)
+    if act_format is not None:
+        c = fake_quantize(c, act_format, axis=1)
+    flat = c.movedim(1, 0).reshape(x.shape[1], -1)
+    if kind == "range":
+        chunks = 1 if num_chunks is None else min(num_chunks, n // 2)
+        parts = torch.tensor_split(flat, chunks, dim=1)
+        sigma = torch.stack(
+            [(p.amax(1) - p.amin(1)) / expected_gaussian_range(p.shape[1]) for p in parts]
+        ).mean(0)
+    elif kind == "l1":
+        sigma = flat.abs().mean(1) * math.sqrt(math.pi / 2 * n / (n - 1))
+    else:
+        k = min(topk, n)
+        top = flat.abs().topk(k, dim=1).values.mean(1)
+        sigma = top / (expected_topk_abs_gaussian(n, k) * math.sqrt((n - 1) / n))
+    inv = torch.rsqrt(sigma**2 * (n - 1) / n + eps)
+    return c * inv.view(shape) * weight.view(shape) + bias.view(shape)
+
+
+@pytest.mark.parametrize(
+    ("kind", "kw", "shape"),
+    [
+        ("range", {}, (9, 4, 3, 5)),
+        ("range", {"num_chunks": 7}, (9, 4, 3, 5)),
+        ("range", {"num_chunks": 4}, (11, 3)),
+        ("range", {"act_format": "int8"}, (9, 4, 3, 5)),
+        ("l1", {}, (9, 4, 3, 5)),
+        ("l1", {"act_format": "int4"}, (10, 3, 6)),
+        ("linf", {"topk": 5}, (9, 4, 3, 5)),
+        ("linf", {"topk": 10, "act_format": "int8"}, (16, 2, 4)),
+    ],
+)
+def test_analytic_backward_matches_autograd_of_the_plain_formula(
+    kind: str, kw: dict, shape: tuple[int, ...]
+) -> None:
+    """The fused backward equals autograd through the plain formula (STE in int mode)."""
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1
+    upstream = torch.randn(*shape, generator=g, dtype=torch.float64)
+    cls = BATCHNORM_VARIANTS[kind][0 if len(shape) < 4 else 1]
+    m = cls(shape[1], eps=1e-3, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5, generator=g)
+        m.bias.normal_(generator=g)
+    xa = x.clone().requires_grad_()
+    y = m(xa)
+    y.backward(upstream)
+    w = m.weight.detach().clone().requires_grad_()
+    b = m.bias.detach().clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    ref = naive_forward(xb, kind, w, b, 1e-3, **kw)
+    ref.backward(upstream)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m.bias.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_and_no_affine_backward() -> None:
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(6, 3, 4, 5, generator=g, dtype=torch.float64)
+    upstream = torch.randn(6, 3, 4, 5, generator=g, dtype=torch.float64)
+    for kind in BATCHNORM_VARIANTS:
+        m = BATCHNORM_VARIANTS[kind][1](3, affine=False, dtype=torch.float64, topk=4) if (
+            kind == "linf") else BATCHNORM_VARIANTS[kind][1](3, affine=False, dtype=torch.float64)
+        xa = x.clone().requires_grad_()
+        m(xa).backward(upstream)
+        xc = x.clone().to(memory_format=torch.channels_last).requires_grad_()
+        m(xc).backward(upstream.to(memory_format=torch.channels_last))
+        torch.testing.assert_close(xc.grad, xa.grad, rtol=1e-12, atol=1e-12)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     kind=st.sampled_from(sorted(BATCHNORM_VARIANTS)),

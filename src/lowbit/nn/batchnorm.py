@@ -30,6 +30,11 @@ statistics follow ``running = (1 - momentum) * running + momentum * batch`` (cum
 average when ``momentum=None``), and eval mode is exactly ``F.batch_norm`` with the running
 statistics, so ``from_batchnorm(bn).eval()`` reproduces ``bn.eval()`` bit for bit.
 
+The backward pass is analytic (one fused function, like BN's): the gradient of the range
+and top-k estimates is sparse (it reaches the argmax/argmin of each chunk, or the k largest
+deviations; with ties, one of the tied elements), that of L1 a sign pattern. Double backward
+is not supported.
+
 Differences from the authors' code (see PAPERS.md): PyTorch momentum instead of the inverted
 one, ``running_var`` holds a variance (not a scale, and starts at 1 rather than 0), chunking
 does not require divisibility, and the constants are exact instead of asymptotic.
@@ -45,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from lowbit.formats import Format, IntFormat, get_format
@@ -167,6 +173,82 @@ def expected_topk_abs_gaussian(n: int, k: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def _reduce_dims(x: Tensor) -> tuple[int, ...]:
+    return (0, *range(2, x.dim()))
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _to_flat(c: Tensor) -> Tensor:
+    """(C, n) copy of ``c`` with the values of each channel in sample order."""
+    return c.movedim(1, 0).reshape(c.shape[1], -1)
+
+
+def _flat_to_linear(j: Tensor, shape: torch.Size) -> Tensor:
+    """Linear indices into a contiguous tensor of ``shape`` for flat indices ``j`` (C, ...)."""
+    channels = shape[1]
+    inner = math.prod(shape[2:])
+    ch = torch.arange(channels, device=j.device).view((channels,) + (1,) * (j.dim() - 1))
+    return (j // inner) * (channels * inner) + ch * inner + j % inner
+
+
+class _BatchScaleNorm(torch.autograd.Function):
+    """``y = (x - mean) / sqrt(sigma_hat^2 (n-1)/n + eps) * w + b`` with an analytic backward.
+
+    ``sigma_hat`` comes from the module's estimator; its gradient (sparse for range and top-k,
+    a sign pattern for L1) is added by the module. Also returns the batch mean and
+    ``sigma_hat`` (not differentiable) for the running statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):  # noqa: D102
+        work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        n = x.numel() // x.shape[1]
+        mean = work.mean(dim=_reduce_dims(x))
+        c = work - _channel_view(mean, x.dim())
+        if module.act_format is not None:  # symmetric per-channel integer grid
+            c = fake_quantize(c, module.act_format, axis=1)
+        sigma, saved = module._estimate_std(c)
+        r = torch.rsqrt(sigma.square() * ((n - 1) / n) + module.eps)
+        wr = r if weight is None else r * weight
+        if bias is None:
+            y = c * _channel_view(wr, x.dim())
+        else:
+            y = torch.addcmul(_channel_view(bias.to(c.dtype), x.dim()), c,
+                              _channel_view(wr.to(c.dtype), x.dim()))
+        ctx.save_for_backward(c, r, sigma, weight)
+        ctx.module, ctx.saved, ctx.x_dtype = module, saved, x.dtype
+        ctx.mark_non_differentiable(mean, sigma)
+        return y.to(x.dtype), mean, sigma
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_mean, _grad_sigma):  # noqa: D102
+        c, r, sigma, weight = ctx.saved_tensors
+        g = grad.to(c.dtype)
+        dims, nd = _reduce_dims(c), c.dim()
+        n = c.numel() // c.shape[1]
+        sum_g = g.sum(dim=dims)
+        sum_gc = (g * c).sum(dim=dims)
+        w = torch.ones_like(r) if weight is None else weight.to(r.dtype)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[1]:
+            dweight = (sum_gc * r).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            dbias = sum_g.to(weight.dtype if weight is not None else g.dtype)
+        if ctx.needs_input_grad[0]:
+            wr = w * r
+            # d/d sigma_hat of r = (sigma^2 (n-1)/n + eps)^(-1/2)
+            dsigma = sum_gc * w * (-(r**3) * sigma * ((n - 1) / n))
+            dx = torch.addcmul(_channel_view(-sum_g * wr / n, nd), g, _channel_view(wr, nd))
+            dx = dx.contiguous()
+            ctx.module._add_std_grad(dx, dsigma, c, ctx.saved)
+            dx = dx.to(ctx.x_dtype)
+        return dx, dweight, dbias, None
+
+
 class _EstimatedScaleBatchNorm(_NormBase):
     """BatchNorm whose per-channel scale is an estimator ``sigma_hat`` of the population std."""
 
@@ -220,8 +302,13 @@ class _EstimatedScaleBatchNorm(_NormBase):
         object.__setattr__(self, "grad_format", grad)
         object.__setattr__(self, "generator", generator)
 
-    # subclasses: estimate of the population std per channel from centred (C, n) values
-    def _estimate_std(self, centred: Tensor) -> Tensor:
+    # Subclasses: the estimate of the population std per channel from the centred values ``c``
+    # (input layout) and what its gradient needs; and that gradient, added into ``dx``.
+    def _estimate_std(self, c: Tensor) -> tuple[Tensor, object]:
+        raise NotImplementedError
+
+    def _add_std_grad(self, dx: Tensor, dsigma: Tensor, c: Tensor, saved: object) -> None:
+        """``dx += P (dsigma * d sigma_hat / d c)``, P the per-channel centring projection."""
         raise NotImplementedError
 
     def _check_input_dim(self, x: Tensor) -> None:
@@ -252,39 +339,18 @@ class _EstimatedScaleBatchNorm(_NormBase):
                 False, 0.0, self.eps,
             )
 
-        channels = x.shape[1]
-        flat = x.transpose(0, 1).reshape(channels, -1)
-        if flat.dtype in (torch.float16, torch.bfloat16):
-            flat = flat.float()
-        n = flat.shape[1]
+        n = x.numel() // x.shape[1]
         if n < 2:
             raise ValueError(
                 f"expected more than 1 value per channel when training, got input of shape "
                 f"{tuple(x.shape)}"
             )
-        mean = flat.mean(dim=1)
-        centred = flat - mean[:, None]
-        if self.act_format is not None:  # 8-bit mode: symmetric per-channel integer grid
-            centred = fake_quantize(centred, self.act_format, axis=0)
-        sigma = self._estimate_std(centred)
-        var = sigma.square()  # estimate of the unbiased variance
+        y, mean, sigma = _BatchScaleNorm.apply(x, self.weight, self.bias, self)
         if self.training and self.track_running_stats:
-            with torch.no_grad():
+            with torch.no_grad():  # running_var: the estimate of the unbiased variance
                 rm, rv = self.running_mean, self.running_var
-                rm.mul_(1.0 - factor).add_(mean.detach().to(rm.dtype), alpha=factor)
-                rv.mul_(1.0 - factor).add_(var.detach().to(rv.dtype), alpha=factor)
-        inv_std = torch.rsqrt(var * ((n - 1) / n) + self.eps)
-        shape = (1, channels) + (1,) * (x.dim() - 2)
-        if self.act_format is None:
-            y = (x - mean.view(shape)) * inv_std.view(shape)
-        else:
-            y = centred.reshape((channels, x.shape[0]) + x.shape[2:]).transpose(0, 1)
-            y = y * inv_std.view(shape)
-        if self.weight is not None:
-            y = y * self.weight.view(shape)
-        if self.bias is not None:
-            y = y + self.bias.view(shape)
-        y = y.to(x.dtype)
+                rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
+                rv.mul_(1.0 - factor).add_(sigma.square().to(rv.dtype), alpha=factor)
         if self.grad_format is not None:
             y = quantize_grad(y, self.grad_format, rounding="stochastic", generator=self.generator)
         return y
@@ -353,19 +419,33 @@ class _RangeMixin:
             return asymptotic
         return asymptotic / _CODE_RANGE_FACTOR
 
-    def _estimate_std(self, centred: Tensor) -> Tensor:
-        flat = centred
+    def _estimate_std(self, c: Tensor) -> tuple[Tensor, object]:
+        flat = _to_flat(c)
         channels, n = flat.shape
         chunks = 1 if self.num_chunks is None else max(1, min(self.num_chunks, n // 2))
         size, rem = divmod(n, chunks)
-        split = rem * (size + 1)  # first `rem` chunks hold size + 1 values
-        sigmas = []
-        for part, m in ((flat[:, :split], size + 1), (flat[:, split:], size)):
-            if part.numel() == 0:
+        split = rem * (size + 1)  # the first `rem` chunks hold size + 1 values
+        sigma = flat.new_zeros(channels)
+        saved = []
+        for start, stop, m in ((0, split, size + 1), (split, n, size)):
+            if stop == start:
                 continue
-            lo, hi = torch.aminmax(part.reshape(channels, -1, m), dim=2)
-            sigmas.append((hi - lo) / self._expected_range(m))
-        return torch.cat(sigmas, dim=1).mean(dim=1)
+            part = flat[:, start:stop].reshape(channels, -1, m)
+            hi, i_hi = part.max(dim=2)
+            lo, i_lo = part.min(dim=2)
+            coef = 1.0 / (self._expected_range(m) * chunks)
+            sigma += (hi - lo).sum(dim=1) * coef
+            base = start + m * torch.arange(part.shape[1], device=flat.device)
+            saved.append((base + i_hi, base + i_lo, coef))
+        return sigma, saved
+
+    def _add_std_grad(self, dx: Tensor, dsigma: Tensor, c: Tensor, saved: object) -> None:
+        # +coef at each chunk's argmax, -coef at its argmin: sums to 0, so P changes nothing
+        flat_dx = dx.view(-1)
+        for j_hi, j_lo, coef in saved:  # type: ignore[attr-defined]
+            v = (dsigma * coef)[:, None].expand_as(j_hi)
+            flat_dx.index_add_(0, _flat_to_linear(j_hi, c.shape).reshape(-1), v.reshape(-1))
+            flat_dx.index_add_(0, _flat_to_linear(j_lo, c.shape).reshape(-1), -v.reshape(-1))
 
     def extra_repr(self) -> str:
         return (
@@ -375,10 +455,17 @@ class _RangeMixin:
 
 
 class _L1Mixin:
-    def _estimate_std(self, centred: Tensor) -> Tensor:
-        n = centred.shape[1]
-        mad = centred.abs().mean(dim=1)
-        return mad * math.sqrt(math.pi / 2.0 * n / (n - 1))
+    def _estimate_std(self, c: Tensor) -> tuple[Tensor, object]:
+        n = c.numel() // c.shape[1]
+        coef = math.sqrt(math.pi / 2.0 * n / (n - 1)) / n
+        return c.abs().sum(dim=_reduce_dims(c)) * coef, coef
+
+    def _add_std_grad(self, dx: Tensor, dsigma: Tensor, c: Tensor, saved: object) -> None:
+        n = c.numel() // c.shape[1]
+        k = dsigma * saved  # type: ignore[operator]
+        sign = c.sign()
+        dx.addcmul_(sign, _channel_view(k, c.dim()))
+        dx.sub_(_channel_view(k * sign.sum(dim=_reduce_dims(c)) / n, c.dim()))
 
 
 class _LinfMixin:
@@ -390,11 +477,20 @@ class _LinfMixin:
             raise ValueError(f"topk must be in [1, {_MAX_TOPK}], got {topk}")
         self.topk = topk
 
-    def _estimate_std(self, centred: Tensor) -> Tensor:
-        n = centred.shape[1]
+    def _estimate_std(self, c: Tensor) -> tuple[Tensor, object]:
+        flat = _to_flat(c)
+        n = flat.shape[1]
         k = min(self.topk, n)
-        top = centred.abs().topk(k, dim=1, sorted=False).values.mean(dim=1)
-        return top / (expected_topk_abs_gaussian(n, k) * math.sqrt((n - 1) / n))
+        top, j = flat.abs().topk(k, dim=1, sorted=False)
+        coef = 1.0 / (k * expected_topk_abs_gaussian(n, k) * math.sqrt((n - 1) / n))
+        return top.sum(dim=1) * coef, (j, flat.gather(1, j).sign(), coef)
+
+    def _add_std_grad(self, dx: Tensor, dsigma: Tensor, c: Tensor, saved: object) -> None:
+        j, sign, coef = saved  # type: ignore[misc]
+        n = c.numel() // c.shape[1]
+        v = sign * (dsigma * coef)[:, None]
+        dx.view(-1).index_add_(0, _flat_to_linear(j, c.shape).reshape(-1), v.reshape(-1))
+        dx.sub_(_channel_view(v.sum(dim=1) / n, c.dim()))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, topk={self.topk}"  # type: ignore[misc]
