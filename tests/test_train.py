@@ -505,3 +505,14 @@ def test_clip_latent_weights_callback(tmp_path):
     assert top(free[2].weight) > 1.0  # the test can fail: unclipped, Adam pushes past 1
     assert top(clipped[2].weight) <= 1.0
     assert top(clipped[0].weight) > 1.0  # the 8-bit first layer is not clipped
+
+
+def test_resume_with_more_epochs_stretches_the_schedule(tmp_path):
+    over = {"epochs": 2, "schedule.warmup_epochs": 0}
+    run_toy(toy_cfg(tmp_path, **over))
+    more = train(resume=tmp_path, overrides=["epochs=4"], model=toy_model(), task=toy_task(),
+                 log=None)
+    lrs = [r["lr"] for r in more.metrics]
+    # epochs 1-2 ran on a 2-epoch cosine; epochs 3-4 follow the new 4-epoch cosine
+    assert lrs[:2] == pytest.approx([0.1, 0.05])
+    assert lrs[2:] == pytest.approx([0.05, 0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4))])

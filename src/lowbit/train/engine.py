@@ -423,9 +423,20 @@ class Trainer:
 
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
         load_model_state(self.model, ckpt, self.model_name)
+        # the schedule follows this run's config (e.g. more epochs, another lr); only the
+        # position in it comes from the checkpoint
+        fresh_rule = dict(self.scheduler.lr_lambdas[0].__dict__)
+        fresh_base = list(self.scheduler.base_lrs)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scheduler.lr_lambdas[0].__dict__.update(fresh_rule)
+            self.scheduler.base_lrs = fresh_base
+            rule, pos = self.scheduler.lr_lambdas[0], self.scheduler.last_epoch
+            for group, base in zip(self.optimizer.param_groups, fresh_base):
+                group["initial_lr"] = base
+                group["lr"] = base * rule(pos)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
             if ckpt.get("scaler") is not None:
                 self.scaler.load_state_dict(ckpt["scaler"])
         except (ValueError, KeyError, RuntimeError) as exc:
