@@ -646,8 +646,10 @@ def test_from_batchnorm_copies_everything(kind: str) -> None:
     x = torch.randn(3, 4, 3, 3, generator=g)
     assert torch.equal(m(x), bn(x))
     assert m.weight is not bn.weight  # a copy, not shared
-    m1 = BATCHNORM_VARIANTS[kind][0].from_batchnorm(nn.BatchNorm1d(6, affine=False))
+    bn1 = nn.BatchNorm1d(6, affine=False, dtype=torch.float64)
+    m1 = BATCHNORM_VARIANTS[kind][0].from_batchnorm(bn1)
     assert m1.weight is None and m1.num_features == 6
+    assert m1.running_mean.dtype == torch.float64
     with pytest.raises(TypeError, match="expects a BatchNorm2d"):
         cls.from_batchnorm(nn.BatchNorm1d(4))
     with pytest.raises(TypeError, match="got Linear"):

@@ -379,7 +379,7 @@ class _EstimatedScaleBatchNorm(_NormBase):
                 f"SyncBatchNorm or a lowbit BatchNorm variant of the same dimension, "
                 f"got {type(bn).__name__}"
             )
-        ref = next(iter(bn.state_dict().values()), None)
+        ref = next((t for t in bn.state_dict().values() if t.is_floating_point()), None)
         new = cls(
             bn.num_features,
             eps=bn.eps,
@@ -387,7 +387,7 @@ class _EstimatedScaleBatchNorm(_NormBase):
             affine=bn.affine,
             track_running_stats=bn.track_running_stats,
             device=None if ref is None else ref.device,
-            dtype=None if bn.weight is None else bn.weight.dtype,
+            dtype=None if ref is None else ref.dtype,
             bias=bn.bias is not None or not bn.affine,
             **kwargs,
         )
