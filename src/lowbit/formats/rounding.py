@@ -103,9 +103,11 @@ def stochastic_round(
     return torch.copysign(lo + up.to(a.dtype), x)
 
 
-def _pow2(k: torch.Tensor) -> torch.Tensor:
-    """2**k as float64, exactly, for integer k in the float64 normal range."""
-    return ((k + 1023) << 52).view(torch.float64)
+def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**k exactly, as float32 or float64, for integer k in that dtype's normal range."""
+    if dtype == torch.float64:
+        return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((k.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
 def round_to_float_format(
@@ -120,25 +122,27 @@ def round_to_float_format(
     """Round ``x`` onto the values of ``fmt`` (subnormals included); returns x's dtype.
 
     Values beyond ``fmt.max`` (and infinities) become ``±fmt.max`` with ``saturate=True``, else
-    ``±inf``. NaN stays NaN; the sign of zero is kept. The rounding is done once, exactly, in
-    float64 (so a float64 input is not first rounded to float32 as ``Tensor.to(float8)`` does);
-    the result is then cast to ``x.dtype``, which is exact whenever ``fmt`` fits in that dtype.
+    ``±inf``. NaN stays NaN; the sign of zero is kept. The rounding is done once, exactly (a
+    float64 input is not first rounded to float32 as ``Tensor.to(float8)`` does); the result is
+    then cast to ``x.dtype``, which is exact whenever ``fmt`` fits in that dtype.
     """
     check_rounding(rounding)
-    w = x.double()
+    # float32 arithmetic is exact here unless the format's grid steps leave float32's range
+    wd = torch.float64 if x.dtype == torch.float64 or fmt.exp_bits == 8 else torch.float32
+    w = x.to(wd)
     a = w.abs()
     _, ex = torch.frexp(a)
-    e = (ex.to(torch.int64) - 1).clamp(fmt.emin, fmt.emax + 1)
+    e = (ex - 1).clamp(fmt.emin, fmt.emax + 1)
     qexp = e - fmt.man_bits
-    t = a * _pow2(-qexp)  # exact: scaling by a power of two
+    t = a * _pow2(-qexp, wd)  # exact: scaling by a power of two
     if rounding == "nearest":
         r = torch.round(t)
     else:
         if rand31 is None:
             rand31 = random_bits31(draw_seed(generator), x.shape)
         lo = torch.floor(t)
-        r = lo + _stochastic_up(t - lo, rand31).double()
-    y = r * _pow2(qexp)
+        r = lo + _stochastic_up(t - lo, rand31).to(wd)
+    y = r * _pow2(qexp, wd)
     y = torch.where(y > fmt.max, fmt.max if saturate else float("inf"), y)
     y = torch.copysign(y, w)
     y = torch.where(torch.isnan(w), w, y)

@@ -160,6 +160,13 @@ def _check_param_shape(p: torch.Tensor, layout: _Layout, name: str) -> torch.Ten
     return p
 
 
+def _bad_scale(value: float) -> ValueError:
+    return ValueError(
+        f"scale must be finite and at least {_TINY:.3g} (the smallest normal float32), "
+        f"got {value!r}"
+    )
+
+
 def _as_scale(scale: ScaleLike, layout: _Layout) -> torch.Tensor:
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
         raise TypeError(f"scale must be a float, a tensor or None, got {type(scale).__name__}")
@@ -170,12 +177,12 @@ def _as_scale(scale: ScaleLike, layout: _Layout) -> torch.Tensor:
     else:
         s = torch.tensor(float(scale), dtype=torch.float32)
     s = _check_param_shape(s, layout, "scale")
-    if not bool(torch.all(torch.isfinite(s) & (s >= _TINY))):
-        bad = s[~(torch.isfinite(s) & (s >= _TINY))].reshape(-1)[0].item()
-        raise ValueError(
-            f"scale must be finite and at least {_TINY:.3g} (the smallest normal float32), "
-            f"got {bad!r}"
-        )
+    if s.numel() == 1:
+        value = s.reshape(-1)[0].item()
+        if not (_TINY <= value < math.inf):
+            raise _bad_scale(value)
+    elif not bool(((s >= _TINY) & (s < math.inf)).all()):
+        raise _bad_scale(s[~((s >= _TINY) & (s < math.inf))][0].item())
     return s
 
 
@@ -191,12 +198,17 @@ def _as_zero_point(zero_point: object, layout: _Layout, fmt: IntFormat) -> torch
     else:
         z = torch.tensor(float(zero_point), dtype=torch.float64)
     z = _check_param_shape(z, layout, "zero_point")
-    if not bool(torch.all(z == torch.round(z))):
+    if z.numel() == 1:
+        lo = hi = z.reshape(-1)[0].item()
+        integral = lo == round(lo) if math.isfinite(lo) else False
+    else:
+        lo, hi = z.min().item(), z.max().item()
+        integral = bool((z == torch.round(z)).all())
+    if not integral:
         raise ValueError("zero_point must hold integers")
-    if not bool(torch.all((z >= fmt.qmin) & (z <= fmt.qmax))):
+    if not (fmt.qmin <= lo and hi <= fmt.qmax):
         raise ValueError(
-            f"zero_point must lie in [{fmt.qmin}, {fmt.qmax}] for {fmt.name}, got "
-            f"{z.min().item():g}..{z.max().item():g}"
+            f"zero_point must lie in [{fmt.qmin}, {fmt.qmax}] for {fmt.name}, got {lo:g}..{hi:g}"
         )
     return z.to(torch.int32)
 
