@@ -33,7 +33,8 @@ statistics, so ``from_batchnorm(bn).eval()`` reproduces ``bn.eval()`` bit for bi
 The backward pass is analytic (one fused function, like BN's): the gradient of the range
 and top-k estimates is sparse (it reaches the argmax/argmin of each chunk, or the k largest
 deviations; with ties, one of the tied elements), that of L1 a sign pattern. Double backward
-is not supported.
+is not supported. Statistics are those of the local batch (no cross-process synchronisation
+as in ``SyncBatchNorm``).
 
 Differences from the authors' code (see PAPERS.md): PyTorch momentum instead of the inverted
 one, ``running_var`` holds a variance (not a scale, and starts at 1 rather than 0), chunking
