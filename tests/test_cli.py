@@ -157,3 +157,20 @@ def test_python_dash_m_lowbit():
                           text=True, timeout=120)
     assert proc.returncode == 2 and "unknown recipe 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "mnist_mlp_fp32", f"data.root={tmp_path}", "--out", str(out)]) == 2
+    err = _err(capsys)
+    assert "train-images-idx3-ubyte" in err and "download" in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_diverging_run_exits_1_and_says_why(tmp_path, capsys):
+    argv = ["train", "digits", "variant=fp32", "optim.lr=1e6", "epochs=2", "progress=false",
+            "--out", str(tmp_path)]
+    assert main(argv) == 1
+    err = _err(capsys)
+    assert "training diverged: the loss became" in err and "optim.lr" in err
+    assert not list(tmp_path.rglob("*.pt"))
