@@ -59,13 +59,15 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def random_bits31(seed: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+def random_bits31(
+    seed: int, shape: torch.Size | tuple[int, ...], device: torch.device | str | None = None
+) -> torch.Tensor:
     """31-bit random integers (int64 tensor of ``shape``), element ``i`` (row-major) being the top
     31 bits of splitmix64's output for state ``seed + (i + 1) * 0x9E3779B97F4A7C15``."""
     n = 1
     for s in shape:
         n *= int(s)
-    z = torch.arange(1, n + 1, dtype=torch.int64)
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device)
     z = z * _GAMMA + seed
     z = (z ^ _shr(z, 30)) * _MIX1
     z = (z ^ _shr(z, 27)) * _MIX2
@@ -96,7 +98,7 @@ def stochastic_round(
     ``generator``.
     """
     if rand31 is None:
-        rand31 = random_bits31(draw_seed(generator), x.shape)
+        rand31 = random_bits31(draw_seed(generator), x.shape, x.device)
     a = x.abs()
     lo = torch.floor(a)
     up = _stochastic_up(a - lo, rand31)
@@ -139,7 +141,7 @@ def round_to_float_format(
         r = torch.round(t)
     else:
         if rand31 is None:
-            rand31 = random_bits31(draw_seed(generator), x.shape)
+            rand31 = random_bits31(draw_seed(generator), x.shape, x.device)
         lo = torch.floor(t)
         r = lo + _stochastic_up(t - lo, rand31).to(wd)
     y = r * _pow2(qexp, wd)

@@ -101,14 +101,15 @@ class _Layout:
             return stats.reshape(-1)
         return stats.movedim(-1, self.axis)
 
-    def group_counts(self, dtype: torch.dtype) -> torch.Tensor:
+    def group_counts(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Number of real (unpadded) elements behind each statistic of :meth:`grouped`."""
         if self.axis is None:
-            return torch.tensor(float(math.prod(self.shape)), dtype=dtype)
+            return torch.tensor(float(math.prod(self.shape)), dtype=dtype, device=device)
         if self.group_size is None:
-            return torch.tensor(float(math.prod(self.shape) // self.shape[self.axis]), dtype=dtype)
+            count = math.prod(self.shape) // self.shape[self.axis]
+            return torch.tensor(float(count), dtype=dtype, device=device)
         n, k = self.shape[self.axis], self.group_size
-        counts = torch.full((-(-n // k),), float(k), dtype=dtype)
+        counts = torch.full((-(-n // k),), float(k), dtype=dtype, device=device)
         if n % k:
             counts[-1] = n % k
         return counts
@@ -265,7 +266,7 @@ def choose_qparams(
 
 def _mean_abs(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
     g = _finite_grouped(x, layout).abs()
-    return g.sum(-1) / layout.group_counts(g.dtype)
+    return g.sum(-1) / layout.group_counts(g.dtype, g.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _rand31(x: torch.Tensor, rounding: str, seed: int | None) -> torch.Tensor | None:
-    return random_bits31(seed, x.shape) if rounding == "stochastic" else None
+    return random_bits31(seed, x.shape, x.device) if rounding == "stochastic" else None
 
 
 def _int_reference(x, fmt, scale, zp, rounding, seed, per_tensor):
@@ -443,7 +444,7 @@ def fake_quantize(
     if not isinstance(saturate, bool):
         raise TypeError(f"saturate must be a bool, got {type(saturate).__name__}")
     layout = _make_layout(x, axis, group_size)
-    s = None if scale is None else _as_scale(scale, layout)
+    s = None if scale is None else _as_scale(scale, layout).to(x.device)
     if zero_point is not None and not isinstance(fmt, IntFormat):
         raise ValueError(f"zero_point only applies to integer formats, not {fmt.name}")
     if zero_point is not None and s is None:
@@ -460,7 +461,7 @@ def fake_quantize(
         if s is None:
             s, zp = choose_qparams(x, fmt, axis=layout.axis, group_size=layout.group_size)
         else:
-            zp = _as_zero_point(0 if zero_point is None else zero_point, layout, fmt)
+            zp = _as_zero_point(0 if zero_point is None else zero_point, layout, fmt).to(x.device)
         plan = _int_plan(fmt, s, zp, layout, rounding, generator)
     elif isinstance(fmt, FloatFormat):
         plan = _float_plan(fmt, s, layout, rounding, generator, saturate)
