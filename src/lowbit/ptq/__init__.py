@@ -3,7 +3,8 @@
 ACIQ analytical clipping (:func:`aciq_clip`), clipping methods per tensor or per channel
 (:func:`clip_range`), per-channel bit allocation (:func:`allocate_bits`), bias correction
 (:func:`bias_correct`), BatchNorm folding (:func:`fold_batchnorms`) and calibration
-(:func:`calibrate`).
+(:func:`calibrate`); :func:`quantize_model` applies them to a model and :func:`run_ptq` to a
+lowbit checkpoint.
 """
 
 from .aciq import DISTRIBUTIONS, aciq_clip, aciq_mse, clip_mse, golden_section
@@ -12,13 +13,18 @@ from .calibrate import calibrate, calibration_layers
 from .clipping import CLIP_METHODS, ClipRange, choose_prior, clip_range, clip_tensor
 from .correction import bias_correct
 from .fold import find_bn_pairs, fold_batchnorms, fold_bn
+from .model import PTQReport, RangeQuantizer, quantize_model, restore_quantized
 from .quantizer import fake_quant_range, range_to_qparams, sqnr_db
+from .run import VARIANTS, evaluate_quantized, load_quantized, run_ptq
 from .stats import RunningStats, Stats
 
 __all__ = [
     "CLIP_METHODS",
     "DISTRIBUTIONS",
+    "VARIANTS",
     "ClipRange",
+    "PTQReport",
+    "RangeQuantizer",
     "RunningStats",
     "Stats",
     "aciq_clip",
@@ -32,11 +38,16 @@ __all__ = [
     "clip_mse",
     "clip_range",
     "clip_tensor",
+    "evaluate_quantized",
     "fake_quant_range",
     "find_bn_pairs",
     "fold_batchnorms",
     "fold_bn",
     "golden_section",
+    "load_quantized",
+    "quantize_model",
     "range_to_qparams",
+    "restore_quantized",
+    "run_ptq",
     "sqnr_db",
 ]

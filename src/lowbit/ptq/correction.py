@@ -20,10 +20,13 @@ import torch
 from torch import Tensor
 
 
-def bias_correct(w: Tensor, w_q: Tensor, *, axis: int = 0, variance: bool = True) -> Tensor:
-    """Correct ``w_q`` per channel along ``axis`` to the mean (and norm, if ``variance``) of ``w``.
+def correction_params(
+    w: Tensor, w_q: Tensor, *, axis: int = 0, variance: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Per-channel (gain, offset), float64, shape [C], such that w' = w_q * gain + offset.
 
-    Channels whose quantized values are all equal get only the mean correction.
+    gain = xi_c (1 without ``variance`` or for a constant quantized channel) and
+    offset = mean(w_c) - gain * mean(w_q,c); see the module docstring.
     """
     if not isinstance(w, Tensor) or not isinstance(w_q, Tensor):
         raise TypeError("w and w_q must be torch.Tensors")
@@ -35,16 +38,27 @@ def bias_correct(w: Tensor, w_q: Tensor, *, axis: int = 0, variance: bool = True
     if not -w.dim() <= axis < w.dim():
         raise ValueError(f"axis {axis} out of range for a {w.dim()}-D tensor")
     axis = axis % w.dim()
-    dims = [d for d in range(w.dim()) if d != axis]
-    w64, q64 = w.detach().double(), w_q.detach().double()
-    if not dims:  # one value per channel: the mean correction restores w exactly
-        return w.detach().clone().to(w_q.dtype)
-    mean_w = w64.mean(dim=dims, keepdim=True)
-    mean_q = q64.mean(dim=dims, keepdim=True)
-    dev_q = q64 - mean_q
+    rows_w = w.detach().double().movedim(axis, 0).reshape(w.shape[axis], -1)
+    rows_q = w_q.detach().double().movedim(axis, 0).reshape(w.shape[axis], -1)
+    mean_w = rows_w.mean(1)
+    mean_q = rows_q.mean(1)
+    gain = torch.ones_like(mean_w)
     if variance:
-        norm_w = (w64 - mean_w).pow(2).sum(dim=dims, keepdim=True).sqrt()
-        norm_q = dev_q.pow(2).sum(dim=dims, keepdim=True).sqrt()
-        xi = torch.where(norm_q > 0, norm_w / torch.where(norm_q > 0, norm_q, 1.0), 1.0)
-        dev_q = dev_q * xi
-    return (dev_q + mean_w).to(w_q.dtype)
+        norm_w = (rows_w - mean_w[:, None]).pow(2).sum(1).sqrt()
+        norm_q = (rows_q - mean_q[:, None]).pow(2).sum(1).sqrt()
+        ok = norm_q > 0
+        gain = torch.where(ok, norm_w / torch.where(ok, norm_q, 1.0), gain)
+    return gain, mean_w - gain * mean_q
+
+
+def bias_correct(w: Tensor, w_q: Tensor, *, axis: int = 0, variance: bool = True) -> Tensor:
+    """Correct ``w_q`` per channel along ``axis`` to the mean (and norm, if ``variance``) of ``w``.
+
+    Channels whose quantized values are all equal get only the mean correction.
+    """
+    gain, offset = correction_params(w, w_q, axis=axis, variance=variance)
+    axis = axis % w.dim()
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    out = w_q.detach().double() * gain.reshape(shape) + offset.reshape(shape)
+    return out.to(w_q.dtype)

@@ -78,6 +78,7 @@ class RunningStats:
         self._gen = torch.Generator().manual_seed(seed)
         self.n = 0  # values per row seen so far
         self.batches = 0
+        self.items = 0  # entries along dim 0 of the batches (inputs, for NCHW / NF tensors)
         self._sum = self._sumsq = self._absdev = None
         self._min = self._max = None
         self._npos = self._sumpos = self._sumsqpos = None
@@ -89,6 +90,7 @@ class RunningStats:
         if x.numel() == 0:
             return
         self._update_rows(_rows(x.detach(), self.axis))
+        self.items += int(x.shape[0]) if x.dim() > 0 else 1
 
     def _update_rows(self, r: Tensor) -> None:
         r64 = r.to(torch.float64)
