@@ -458,3 +458,58 @@ def test_kernel_path_is_taken_and_can_be_disabled(monkeypatch):
     assert saved.dtype == torch.uint8 and saved.numel() == 13  # bit-packed mask from the kernel
     monkeypatch.setenv("LOWBIT_NO_EXT", "1")
     assert fake_quantize(x, "int8").grad_fn.saved_tensors[0].dtype == torch.bool
+
+
+# ---------------------------------------------------------------- odds and ends
+def test_derived_range_ignores_non_finite_values():
+    x = torch.tensor([float("nan"), float("inf"), -2.0, 1.0, 0.5])
+    scale, zp = choose_qparams(x, "int8")
+    assert scale.item() == pytest.approx(2.0 / 127) and zp.item() == 0
+    y = fake_quantize(x, "int8")
+    assert math.isnan(y[0]) and y[1].item() == pytest.approx(127 * scale.item())
+    assert torch.equal(y[2:], fake_quantize(x[2:], "int8", scale=scale))
+
+
+def test_empty_and_non_contiguous_inputs():
+    assert fake_quantize(torch.empty(0, 3), "int8").shape == (0, 3)
+    x = torch.randn(6, 8)
+    assert torch.equal(fake_quantize(x.t(), "e4m3"), fake_quantize(x.t().contiguous(), "e4m3"))
+    s = torch.rand(6) + 0.1
+    assert torch.equal(fake_quantize(x.t(), "int8", scale=s, axis=1),
+                       fake_quantize(x.t().contiguous(), "int8", scale=s, axis=1))
+
+
+def test_stochastic_draws_advance_the_generator():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((1000,), 0.5)
+    a = fake_quantize(x, "int8", scale=1.0, rounding="stochastic", generator=g)
+    b = fake_quantize(x, "int8", scale=1.0, rounding="stochastic", generator=g)
+    assert not torch.equal(a, b)  # a fresh draw each call
+    torch.manual_seed(5)
+    c = fake_quantize(x, "e5m2", scale=2.0**-12, rounding="stochastic")
+    torch.manual_seed(5)
+    assert torch.equal(c, fake_quantize(x, "e5m2", scale=2.0**-12, rounding="stochastic"))
+
+
+def test_ternary_stochastic_unbiased_inside_range():
+    n = 200_000
+    x = torch.full((n,), 0.3)
+    y = fake_quantize(x, "ternary", scale=1.0, rounding="stochastic",
+                      generator=torch.Generator().manual_seed(2))
+    assert set(y.unique().tolist()) == {0.0, 1.0}
+    assert abs(y.mean().item() - 0.3) <= 5 * math.sqrt(0.3 * 0.7 / n)
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, err, match",
+    [
+        (torch.arange(3), {"fmt": "int8"}, TypeError, "x must be"),
+        (torch.randn(3), {"fmt": "e5m2", "axis": 0}, ValueError, "axis does not apply"),
+        (torch.randn(3), {"fmt": "int8", "axis": 1}, ValueError, "axis 1 does not exist"),
+        (torch.randn(3), {"fmt": "nope"}, ValueError, "valid formats"),
+        (torch.randn(3), {"fmt": "int8", "rounding": "floor"}, ValueError, "rounding"),
+    ],
+)
+def test_quantize_grad_bad_input(x, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        quantize_grad(x, **kwargs)
