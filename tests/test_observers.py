@@ -317,6 +317,8 @@ def test_spec_parse_forms():
     s = QuantSpec.parse("int8")
     assert s.fmt == "int8" and s.granularity == "tensor" and s.observer == "dynamic"
     assert QuantSpec.parse("e5m2").format.name == "e5m2"
+    assert QuantSpec.parse("e5m2").observer == "none"  # the format as it is
+    assert QuantSpec.parse("binary").observer == "none"
     assert QuantSpec.parse(None) is None
     d = QuantSpec.parse({"fmt": "uint4", "observer": "ema", "observer_kwargs": {"momentum": 0.2}})
     assert d.observer_kwargs == {"momentum": 0.2}

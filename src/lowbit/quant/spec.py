@@ -78,7 +78,8 @@ class QuantSpec:
         group_size: values per group when ``granularity="group"``.
         rounding: ``"nearest"`` (round half to even) or ``"stochastic"``.
         observer: ``"dynamic"``, ``"minmax"``, ``"ema"``, ``"percentile"``, ``"mse"`` or
-            ``"none"`` (see the module docstring).
+            ``"none"`` (see the module docstring); ``None`` (default) picks ``"dynamic"``
+            for integer formats and ``"none"`` for the others (the format as it is).
         observer_kwargs: keyword arguments of the observer class (e.g. ``momentum``).
         symmetric: ``None`` chooses from the format: symmetric for signed formats, affine
             (with a zero point) for unsigned ones.
@@ -92,7 +93,7 @@ class QuantSpec:
     axis: int | None = None
     group_size: int | None = None
     rounding: str = "nearest"
-    observer: str = "dynamic"
+    observer: str | None = None
     observer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     symmetric: bool | None = None
     enabled: bool = True
@@ -109,6 +110,8 @@ class QuantSpec:
             raise _choices_error("rounding", self.rounding, ROUNDINGS)
         if self.train_range not in TRAIN_RANGES:
             raise _choices_error("train_range", self.train_range, TRAIN_RANGES)
+        if self.observer is None:  # the format as it is; integers need a range
+            object.__setattr__(self, "observer", "dynamic" if kind == "int" else "none")
         observers = (*STATELESS_OBSERVERS, *_observer_classes())
         if self.observer not in observers:
             raise _choices_error("observer", self.observer, observers)
