@@ -186,6 +186,13 @@ def test_bad_scheme():
 
 # ------------------------------------------------------------- integer GEMM and convolution
 
+def available_backends() -> list[str]:
+    """The kernel paths to compare: pure torch, and the compiled one where it builds."""
+    from lowbit.integer import _ext
+
+    return ["torch"] + (["compiled"] if _ext.extension() is not None else [])
+
+
 def _layer(rng, o, k_in, x_range, zx, out_range, zout, with_bn=True):
     w = torch.tensor(rng.integers(-127, 128, (o,) + k_in), dtype=torch.int8)
     s_w = rng.uniform(0.002, 0.02, o)
@@ -216,7 +223,11 @@ def test_int_linear_bit_exact(x_fmt, zx, out_fmt, zout):
     w, a, b, rq, fp = _layer(rng, 24, (50,), x_fmt, zx, out_fmt, zout)
     x_np = rng.integers(lo, hi + 1, (64, 50))
     dt = torch.uint8 if x_fmt == "uint8" else torch.int8
-    got = int_linear(torch.tensor(x_np, dtype=dt), w, rq, input_zero_point=zx)
+    got = int_linear(torch.tensor(x_np, dtype=dt), w, rq, input_zero_point=zx, backend="torch")
+    for backend in available_backends():
+        np.testing.assert_array_equal(
+            int_linear(torch.tensor(x_np, dtype=dt), w, rq, input_zero_point=zx,
+                       backend=backend).numpy(), got.numpy())
     assert got.dtype == (torch.uint8 if out_fmt == "uint8" else torch.int8)
     acc = (x_np - zx) @ w.numpy().astype(np.int64).T
     want = _exact_from_acc(acc, a, b, out_fmt, zout)
@@ -238,7 +249,13 @@ def test_int_conv2d_bit_exact(stride, padding, dilation, groups):
     w, a, b, rq, fp = _layer(rng, o, (cin // groups, 3, 3), "uint8", zx, "int8", -2)
     x_np = rng.integers(0, 256, (2, cin, 9, 11))
     got = int_conv2d(torch.tensor(x_np, dtype=torch.uint8), w, rq, input_zero_point=zx,
-                     stride=stride, padding=padding, dilation=dilation, groups=groups)
+                     stride=stride, padding=padding, dilation=dilation, groups=groups,
+                     backend="torch")
+    for backend in available_backends():
+        other = int_conv2d(torch.tensor(x_np, dtype=torch.uint8), w, rq, input_zero_point=zx,
+                           stride=stride, padding=padding, dilation=dilation, groups=groups,
+                           backend=backend)
+        np.testing.assert_array_equal(other.numpy(), got.numpy())
     # independent accumulators: float64 convolution of (x - z) (exact for these sizes)
     acc = torch.nn.functional.conv2d(torch.tensor(x_np - zx, dtype=torch.float64),
                                      w.to(torch.float64), stride=stride, padding=padding,
@@ -254,8 +271,10 @@ def test_requantizer_matches_numpy_rule():
     fp = fixed_point_affine(a, b, (-30000, 30000), "uint8", output_zero_point=128)
     rq = Requantizer.from_fixed_point(fp)
     acc = rng.integers(-30000, 30001, (100, 16))
-    np.testing.assert_array_equal(rq(torch.tensor(acc, dtype=torch.int32)).numpy(),
-                                  fp.apply(acc, axis=1))
+    for backend in available_backends():
+        np.testing.assert_array_equal(
+            rq(torch.tensor(acc, dtype=torch.int32), backend=backend).numpy(),
+            fp.apply(acc, axis=1))
 
 
 def test_requantizer_ties_and_windows():
@@ -263,13 +282,16 @@ def test_requantizer_ties_and_windows():
     a = [0.5, 0.25, -0.75, Fraction(1, 3), Fraction(2, 5), 0.0]
     b = [0.0, 0.5, 0.25, Fraction(1, 6), Fraction(1, 10), 2.5]
     lo, hi = -2000, 2000
-    fp = fixed_point_affine(a, b, (lo, hi), (-(2**15), 2**15 - 1))
-    assert (fp.tie_window.astype(int) > 0).sum() >= 4
-    rq = Requantizer.from_fixed_point(fp)
     xs = np.arange(lo, hi + 1)
-    got = rq(torch.tensor(np.stack([xs] * len(a), 1)), dim=1).numpy().T
-    want = exact_outputs(ExactAffine.from_affine(a, b), xs, (-(2**15), 2**15 - 1))
-    np.testing.assert_array_equal(got, want)
+    for out in ((-(2**15), 2**15 - 1), "int8"):
+        fp = fixed_point_affine(a, b, (lo, hi), out)
+        assert (fp.tie_window.astype(int) > 0).sum() >= 4
+        rq = Requantizer.from_fixed_point(fp)
+        want = exact_outputs(ExactAffine.from_affine(a, b), xs, out)
+        for backend in available_backends() if out == "int8" else ["torch"]:
+            acc = torch.tensor(np.stack([xs] * len(a), 1), dtype=torch.int32)
+            got = rq(acc, dim=1, backend=backend).numpy().T
+            np.testing.assert_array_equal(got, want)
 
 
 def test_integer_kernels_run_no_float_op():

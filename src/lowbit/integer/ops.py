@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lowbit.integer import _ext
 from lowbit.integer.exact import as_fractions, int_range
 from lowbit.integer.fixed_point import FixedPointAffine, fixed_point_affine
 
@@ -34,7 +35,22 @@ __all__ = [
     "make_requantizer",
     "int_linear",
     "int_conv2d",
+    "BACKENDS",
 ]
+
+BACKENDS = ("auto", "torch", "compiled")
+
+
+def _use_ext(backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if _ext.extension() is None:
+        if backend == "compiled":
+            raise RuntimeError("the compiled integer kernels are unavailable")
+        return False
+    return True
 
 def _storage_dtype(qmin: int, qmax: int) -> torch.dtype:
     if -128 <= qmin and qmax <= 127:
@@ -80,14 +96,27 @@ class Requantizer:
     def channels(self) -> int:
         return self.multiplier.numel()
 
-    def __call__(self, acc: Tensor, dim: int = -1) -> Tensor:
-        """Requantize integer ``acc`` with channels along ``dim``; integer ops only."""
+    def __call__(self, acc: Tensor, dim: int = -1, *, backend: str = "auto") -> Tensor:
+        """Requantize integer ``acc`` with channels along ``dim``; integer ops only.
+
+        ``backend``: ``"compiled"`` (fused C++ loop, for int32 ``[rows, C]`` inputs and int8 /
+        uint8 outputs), ``"torch"``, or ``"auto"`` (compiled where it applies and builds).
+        """
         if acc.is_floating_point() or acc.is_complex():
             raise TypeError(f"acc must be an integer tensor, got {acc.dtype}")
         dim = dim % acc.dim()
         if acc.shape[dim] != self.channels:
             raise ValueError(f"acc has {acc.shape[dim]} channels on dim {dim}, "
                              f"expected {self.channels}")
+        fits = (acc.dtype == torch.int32 and acc.dim() == 2 and dim == 1
+                and self.dtype in (torch.int8, torch.uint8))
+        if backend == "compiled" and not fits:
+            raise ValueError("the compiled requantization takes int32 [rows, channels] "
+                             "accumulators and int8/uint8 outputs")
+        if fits and _use_ext(backend):
+            return _ext.extension().requant_rows(
+                acc.contiguous(), self.multiplier, self.offset, self.shift, self.window,
+                self.zero_point, self.qmin, self.qmax, self.dtype == torch.uint8)
         shape = [1] * acc.dim()
         shape[dim] = self.channels
         v = acc.to(torch.int64) * self.multiplier.view(shape) + self.offset.view(shape)
@@ -171,8 +200,8 @@ def _check_weight(weight: Tensor) -> Tensor:
     return weight
 
 
-def int_linear(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_point: int
-               ) -> Tensor:
+def int_linear(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_point: int,
+               backend: str = "auto") -> Tensor:
     """``requant(sum_k w[o, k]·(x[..., k] - z_x))``; ``x [..., K]`` int8/uint8, ``w [O, K]`` int8."""
     _check_weight(weight)
     x8, z = _as_int8(x, int(input_zero_point))
@@ -180,8 +209,8 @@ def int_linear(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
     x2 = x8.reshape(-1, x8.shape[-1])
     acc = torch._int_mm(x2, weight.t().contiguous())
     if z != 0:
-        acc = acc - z * weight.to(torch.int32).sum(1)
-    return requant(acc, dim=-1).reshape(*lead, weight.shape[0])
+        acc = acc - z * weight.to(torch.int32).sum(1, dtype=torch.int32)
+    return requant(acc, dim=-1, backend=backend).reshape(*lead, weight.shape[0])
 
 
 def _pair(v: Any, name: str) -> tuple[int, int]:
@@ -192,11 +221,23 @@ def _pair(v: Any, name: str) -> tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
+def _im2col_torch(x8: Tensor, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                  dw: int, z: int) -> tuple[Tensor, int, int]:
+    if ph or pw:
+        x8 = torch.nn.functional.pad(x8, (pw, pw, ph, ph), value=z)
+    win_h, win_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    p = x8.unfold(2, win_h, sh).unfold(3, win_w, sw)[..., ::dh, ::dw]
+    n, c, oh, ow = p.shape[:4]
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw), oh, ow
+
+
 def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_point: int,
-               stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor:
+               stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+               backend: str = "auto") -> Tensor:
     """Integer 2-D convolution (NCHW) as im2col + ``torch._int_mm``, then requantization.
 
-    Padding holds the input zero point, i.e. real zeros, as in the float model.
+    Padding holds the input zero point, i.e. real zeros, as in the float model. ``backend``
+    picks the compiled im2col/requantization or the pure-torch code (identical results).
     """
     _check_weight(weight)
     if x.dim() != 4:
@@ -209,21 +250,23 @@ def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
         raise ValueError(f"channels {c} / weight {tuple(weight.shape)} / groups {groups} "
                          "do not match")
     x8, z = _as_int8(x, int(input_zero_point))
-    if ph or pw:
-        x8 = torch.nn.functional.pad(x8, (pw, pw, ph, ph), value=z)
-    win_h, win_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    patches = x8.unfold(2, win_h, sh).unfold(3, win_w, sw)[..., ::dh, ::dw]
-    oh, ow = patches.shape[2], patches.shape[3]
+    use_ext = _use_ext(backend)
     og = o // groups
     accs = []
     for g in range(groups):
-        p = patches[:, g * cg:(g + 1) * cg]  # [N, cg, OH, OW, kh, kw]
-        cols = p.permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, cg * kh * kw)
+        xg = x8[:, g * cg:(g + 1) * cg] if groups > 1 else x8
+        if use_ext:
+            cols = _ext.extension().im2col_int8(xg.contiguous(), kh, kw, sh, sw, ph, pw, dh, dw,
+                                                z)
+            oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        else:
+            cols, oh, ow = _im2col_torch(xg, kh, kw, sh, sw, ph, pw, dh, dw, z)
         wg = weight[g * og:(g + 1) * og].reshape(og, -1)
         acc = torch._int_mm(cols, wg.t().contiguous())
         if z != 0:
-            acc = acc - z * wg.to(torch.int32).sum(1)
+            acc = acc - z * wg.to(torch.int32).sum(1, dtype=torch.int32)
         accs.append(acc)
     acc = accs[0] if groups == 1 else torch.cat(accs, 1)
-    y = requant(acc, dim=-1)
+    y = requant(acc, dim=-1, backend=backend)
     return y.reshape(n, oh, ow, o).permute(0, 3, 1, 2).contiguous()
