@@ -200,8 +200,14 @@ def _lm_split(corpus: Any, split: str) -> torch.Tensor:
     return tokens
 
 
-def build_task(cfg: Mapping[str, Any], dist_info: DistInfo | None = None) -> Task:
-    """Load the datasets named in ``cfg["data"]`` and wrap them in loaders."""
+def build_task(cfg: Mapping[str, Any], dist_info: DistInfo | None = None,
+               device: torch.device | None = None) -> Task:
+    """Load the datasets named in ``cfg["data"]`` and wrap them in loaders.
+
+    On a CUDA ``device`` the uint8 images are moved to the GPU once, and batches are cut and
+    augmented there.
+    """
+    on_gpu = device if device is not None and device.type == "cuda" else None
     from .. import data as data_mod
 
     d = cfg["data"]
@@ -229,12 +235,14 @@ def build_task(cfg: Mapping[str, Any], dist_info: DistInfo | None = None) -> Tas
     train_loader = data_mod.BatchLoader(
         train_ds, d["batch_size"], shuffle=True, augment=d["augment"] or None, seed=cfg["seed"],
         drop_last=d["drop_last"], rank=dist_info.rank, world_size=dist_info.world_size,
+        device=on_gpu,
     )
     if dist_info.enabled:  # an exact shard per process (no wrap-around padding): exact metrics
         eval_ds = _subset(eval_ds, torch.arange(dist_info.rank, len(eval_ds.labels),
                                                 dist_info.world_size))
     eval_loader = data_mod.BatchLoader(eval_ds, d["eval_batch_size"], shuffle=False,
-                                       augment=None, seed=cfg["seed"], drop_last=False)
+                                       augment=None, seed=cfg["seed"], drop_last=False,
+                                       device=on_gpu)
     if len(train_loader) == 0:
         raise ValueError(
             f"data.batch_size={d['batch_size']} leaves no training batch "
@@ -367,7 +375,7 @@ class Trainer:
             [] if self._given_model is not None else ["model.name", "quant.scheme"])
         config_mod.check_names(cfg, names)
         seed_everything(cfg["seed"])
-        self.task = self._given_task or build_task(cfg, self.dist)
+        self.task = self._given_task or build_task(cfg, self.dist, self.device)
         model = self._given_model if self._given_model is not None else build_model(cfg, self.task)
         self.model = model.to(self.device)
         self.model_name = cfg["model"]["name"]
@@ -772,7 +780,7 @@ def evaluate(
     config_mod.check_names(cfg)
     device = resolve_device(cfg["device"])
     seed_everything(cfg["seed"])
-    task = build_task(cfg)
+    task = build_task(cfg, device=device)
     model = build_model(cfg, task).to(device)
     load_model_state(model, ckpt, cfg["model"]["name"])
     loss_fn = build_loss(cfg["loss"]["name"], label_smoothing=0.0)
