@@ -370,3 +370,33 @@ def test_wide_accumulator_range_exhaustive_per_channel():
         M, C, k, w = (int(v[c]) for v in (fp.multiplier, fp.offset, fp.shift, fp.tie_window))
         got = np.clip(fixed_point_round(M * xs + C, k, w) + 3, -128, 127)
         np.testing.assert_array_equal(got, exact)
+
+
+def test_run_ends_by_formula_equal_run_ends_by_enumeration():
+    from lowbit.integer.fixed_point import _reduced_inputs
+
+    rng = np.random.default_rng(31)
+    a, b = random_channels(rng, 40)
+    a += [x / 200 for x in a[:40]]
+    b += b[:40]
+    aff = ExactAffine.from_affine(a, b)
+    for c in range(len(a)):
+        for rounding, zout, out in (("half_even", 0, (-128, 127)), ("half_up", 3, (0, 255))):
+            by_formula = _reduced_inputs(aff, c, (-30000, 30000), out, zout, rounding,
+                                         enumerate_limit=0)
+            by_scan = _reduced_inputs(aff, c, (-30000, 30000), out, zout, rounding,
+                                      enumerate_limit=1 << 30)
+            np.testing.assert_array_equal(by_formula, by_scan)
+
+
+def test_huge_accumulator_range_is_cheap():
+    lo, hi = -(2**40), 2**40
+    a, b = [3e-11, -1e-9], [0.25, 7.0]
+    with pytest.raises(ValueError, match="max_shift"):
+        fixed_point_affine(a, b, (lo, hi), "int8", max_shift=40)
+    fp = fixed_point_affine(a, b, (lo, hi), "int8", max_shift=150)
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([rng.integers(lo, hi, 20000), [lo, hi, 0, -1, 1]])
+    exact = exact_outputs(ExactAffine.from_affine(a, b), xs, "int8")
+    np.testing.assert_array_equal(fp.apply(np.stack([xs, xs]), axis=0), exact)
+    assert (fp.acc_bits() > 64).all()  # beyond int64: apply() switched to Python integers

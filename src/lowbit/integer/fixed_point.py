@@ -357,8 +357,38 @@ def _choose(lo_r, hi_r, lo_inf_r, hi_inf_r, pos_r, k: int, w: int, m_lo, m_hi, A
     return M, 0
 
 
+def _run_starts(A: int, B: int, D: int, f1: int, f2: int, rounding: str) -> list[int]:
+    """Inputs in ``(f1, f2)`` where ``R(t(x))`` differs from ``R(t(x-1))``, found per output
+    value (``O(outputs)``, not ``O(inputs)``): the crossing of a half-integer, then checked."""
+    def n(x: int) -> int:
+        return round_exact_int(A, B, D, x, rounding)
+
+    starts = []
+    n1, n2 = n(f1), n(f2 - 1)
+    if A > 0:  # first x with n(x) >= m
+        for m in range(n1 + 1, n2 + 1):
+            x = -((2 * B - (2 * m - 1) * D) // (2 * A))  # ceil(((2m-1)D - 2B) / 2A)
+            x = min(max(x, f1 + 1), f2 - 1)
+            while n(x) < m:
+                x += 1
+            while x - 1 > f1 and n(x - 1) >= m:
+                x -= 1
+            starts.append(x)
+    elif A < 0:  # first x with n(x) <= m
+        for m in range(n1 - 1, n2 - 1, -1):
+            x = -((2 * B - (2 * m + 1) * D) // (2 * A))  # ceil(((2m+1)D - 2B) / 2A)
+            x = min(max(x, f1 + 1), f2 - 1)
+            while n(x) > m:
+                x += 1
+            while x - 1 > f1 and n(x - 1) <= m:
+                x -= 1
+            starts.append(x)
+    return starts
+
+
 def _reduced_inputs(affine: ExactAffine, c: int, in_range: tuple[int, int],
-                    out_range: tuple[int, int], zout: int, rounding: str) -> np.ndarray:
+                    out_range: tuple[int, int], zout: int, rounding: str,
+                    enumerate_limit: int = 1 << 16) -> np.ndarray:
     """The inputs whose constraints matter: the two ends of every run of equal exact outputs.
 
     Inside a run the bounds on ``M·x + C`` are the same constants, and a linear function obeys a
@@ -388,12 +418,16 @@ def _reduced_inputs(affine: ExactAffine, c: int, in_range: tuple[int, int],
     pts = []
     if f1 > lo:
         pts += [lo, f1 - 1]
-    one = ExactAffine((A,), (B,), (D,))
-    for s0 in range(f1, f2, 1 << 20):  # inside: the ends of each run of equal outputs
-        xs = np.arange(s0, min(f2 - 1, s0 + (1 << 20)) + 1, dtype=np.int64)
-        n = exact_round(one, xs, rounding)[0]
-        step = np.nonzero(np.diff(n))[0]
-        pts += [xs[step], xs[step + 1], s0]
+    if f2 - f1 > enumerate_limit:  # inside: the ends of each run of equal outputs
+        starts = np.asarray(_run_starts(A, B, D, f1, f2, rounding), dtype=np.int64)
+        pts += [starts - 1, starts, f1]
+    else:
+        one = ExactAffine((A,), (B,), (D,))
+        if f2 > f1:
+            xs = np.arange(f1, f2, dtype=np.int64)
+            n = exact_round(one, xs, rounding)[0]
+            step = np.nonzero(np.diff(n))[0]
+            pts += [xs[step], xs[step + 1], f1]
     if f2 > f1:
         pts.append(f2 - 1)
     if f2 <= hi:
