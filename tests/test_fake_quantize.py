@@ -214,6 +214,17 @@ def test_ternary_twn():
     assert set(fake_quantize(x, "ternary-unscaled").unique().tolist()) <= {-1.0, 0.0, 1.0}
 
 
+@pytest.mark.parametrize("fmt", ["binary-scaled", "ternary"])
+def test_binary_ternary_groups_along_a_leading_axis(fmt):
+    x = torch.randn(7, 3, generator=torch.Generator().manual_seed(2))
+    y = fake_quantize(x, fmt, axis=0, group_size=3)
+    for start in (0, 3, 6):  # groups of 3 rows per column; the last group has one row
+        for col in range(3):
+            seg = x[start:start + 3, col]
+            want = fake_quantize(seg, fmt)
+            assert torch.allclose(y[start:start + 3, col], want)
+
+
 def test_ternary_explicit_scale_rounds_to_nearest():
     x = torch.tensor([-3.0, -0.6, -0.4, 0.25, 0.5, 0.75, 2.0])
     y = fake_quantize(x, "ternary", scale=0.5)
@@ -381,7 +392,8 @@ def _fq_with_grad(x, fmt, seed, **kw):
 
 kernel_formats = st.sampled_from(
     ["int8", "uint8", "int4", "uint2", "int16", "int8-narrow", "e4m3", "e5m2", "e3m2", "e2m1",
-     "e5m10", "fp16", "bf16", "fp32", "e4m3-ieee", "e6m5", "e8m2", "e7m0"])
+     "e5m10", "fp16", "bf16", "fp32", "e4m3-ieee", "e6m5", "e8m2", "e7m0", "binary",
+     "binary-scaled"])
 
 
 @needs_kernel
@@ -409,7 +421,7 @@ def test_kernel_matches_reference(fmt, rounding, layout, shape, seed, log_mag, d
             k_g = data.draw(st.sampled_from([1, x.shape[-1]]))
             shape_g = x.shape[:-1] + (x.shape[-1] // k_g,)
             kw.update(axis=-1, group_size=k_g, scale=(torch.rand(shape_g, generator=g) + 0.1))
-        if not is_float:
+        if fmt.startswith(("int", "uint")):
             kw["zero_point"] = data.draw(st.integers(f.qmin, f.qmax))
     elif layout == "channel":
         kw["axis"] = data.draw(st.integers(-x.dim(), x.dim() - 1))
@@ -427,13 +439,17 @@ def test_kernel_matches_reference(fmt, rounding, layout, shape, seed, log_mag, d
 @needs_kernel
 @pytest.mark.parametrize("shape, axis", [((3, 5000), 0), ((5000, 3), 1), ((2, 3, 1700), 1),
                                          ((9001,), None), ((7,), None)])
-@pytest.mark.parametrize("fmt", ["int8", "e5m2"])
+@pytest.mark.parametrize("fmt", ["int8", "e5m2", "binary-scaled"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_kernel_block_and_channel_boundaries(monkeypatch, shape, axis, fmt, rounding):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 40
     kw = {"rounding": rounding}
     if axis is not None:
-        kw.update(axis=axis, scale=torch.linspace(0.1, 2.0, shape[axis]))
+        kw.update(axis=axis)
+        if fmt != "binary-scaled":
+            kw.update(scale=torch.linspace(0.1, 2.0, shape[axis]))
+    if fmt == "binary-scaled":
+        x = x / 40
     (y_ref, g_ref), (y_k, g_k) = _run_both(monkeypatch, lambda: _fq_with_grad(x, fmt, 3, **kw))
     assert same(y_ref, y_k) and same(g_ref, g_k)
 

@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "load", "supports", "int_fake_quant", "float_fake_quant", "masked_grad"]
+__all__ = [
+    "available",
+    "load",
+    "supports",
+    "int_fake_quant",
+    "float_fake_quant",
+    "binary_fake_quant",
+    "masked_grad",
+]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fake_quant.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
@@ -165,6 +173,30 @@ def float_fake_quant(
         0 if s is None else s.data_ptr(), channels, inner, fmt.exp_bits, fmt.man_bits,
         float(fmt.max), saturate, seed is not None, 0 if seed is None else seed,
         torch.get_num_threads(),
+    )
+    return out, mask
+
+
+def binary_fake_quant(
+    x: torch.Tensor,
+    div: torch.Tensor | None,
+    mul: torch.Tensor | None,
+    layout: Any,
+    seed: int | None,
+    need_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``±1`` (sign(0) = +1) of ``x / div``, times ``mul``; returns (out, packed mask)."""
+    mod = load()
+    channels, inner = _runs(x.shape, layout)
+    xc = x.detach().contiguous()
+    out = torch.empty_like(xc)
+    mask = _empty_mask(xc.numel(), need_mask)
+    d = None if div is None else div.detach().to(torch.float32).contiguous().reshape(-1)
+    m = None if mul is None else mul.detach().to(torch.float32).contiguous().reshape(-1)
+    mod.binary_fake_quant(
+        xc.data_ptr(), out.data_ptr(), mask.data_ptr() if need_mask else 0, xc.numel(),
+        0 if d is None else d.data_ptr(), 0 if m is None else m.data_ptr(), channels, inner,
+        seed is not None, 0 if seed is None else seed, torch.get_num_threads(),
     )
     return out, mask
 

@@ -265,8 +265,19 @@ def choose_qparams(
 
 
 def _mean_abs(x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """mean |x| per tensor / channel / group (non-finite values count as 0), param_shape."""
     g = _finite_grouped(x, layout).abs()
-    return g.sum(-1) / layout.group_counts(g.dtype, g.device)
+    return layout.ungroup(g.sum(-1) / layout.group_counts(g.dtype, g.device))
+
+
+def _twn_params(x: torch.Tensor, layout: _Layout, threshold: float):
+    """TWN threshold delta = threshold * mean|x| and alpha = mean of |x| over |x| > delta
+    (0 when nothing is kept), both in param_shape."""
+    g = _finite_grouped(x, layout).abs()
+    delta = threshold * (g.sum(-1) / layout.group_counts(g.dtype, g.device))
+    kept = g > delta.unsqueeze(-1)
+    alpha = (g * kept).sum(-1) / kept.sum(-1).clamp_min(1)
+    return layout.ungroup(delta), layout.ungroup(alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,16 +355,13 @@ def _ternary_reference(x, fmt, scale, layout, rounding, seed):
             t, rand31=_rand31(x, rounding, seed))
     else:
         xs = xw
-        delta = fmt.threshold * _mean_abs(xw, layout)
-        g = _finite_grouped(xw, layout).abs()
-        kept = g > delta.unsqueeze(-1)
-        count = kept.sum(-1)
-        alpha_g = (g * kept).sum(-1) / count.clamp_min(1)
-        alpha = layout.expand(alpha_g.to(wd)) if fmt.scaled else torch.ones((), dtype=wd)
+        delta, alpha = _twn_params(xw, layout, fmt.threshold)
+        alpha = layout.expand(alpha.to(wd)) if fmt.scaled else torch.ones((), dtype=wd)
         if rounding == "nearest":
             t = torch.where(xw.abs() > layout.expand(delta.to(wd)), torch.sign(xw), 0.0)
         else:
-            t = stochastic_round((xw / alpha).clamp(-1, 1), rand31=_rand31(x, rounding, seed))
+            unit = torch.where(alpha > 0, alpha, 1.0)  # all-zero input: alpha 0, t 0
+            t = stochastic_round((xw / unit).clamp(-1, 1), rand31=_rand31(x, rounding, seed))
         t = torch.where(torch.isnan(xw), xw, t)
     out = t * alpha
     return out.to(x.dtype), xs.abs() <= 1
@@ -465,14 +473,15 @@ def fake_quantize(
         plan = _int_plan(fmt, s, zp, layout, rounding, generator)
     elif isinstance(fmt, FloatFormat):
         plan = _float_plan(fmt, s, layout, rounding, generator, saturate)
+    elif isinstance(fmt, BinaryFormat):
+        plan = _binary_plan(fmt, s, layout, rounding, generator)
     else:
+        assert isinstance(fmt, TernaryFormat)
         seed = draw_seed(generator) if rounding == "stochastic" else None
-        ref = _binary_reference if isinstance(fmt, BinaryFormat) else _ternary_reference
-        assert isinstance(fmt, (BinaryFormat, TernaryFormat))
         s_full = None if s is None else layout.expand(s)
 
         def plan(t, need_mask):
-            return ref(t, fmt, s_full, layout, rounding, seed)
+            return _ternary_reference(t, fmt, s_full, layout, rounding, seed)
 
     if x.requires_grad and torch.is_grad_enabled():
         return _FakeQuantizeSTE.apply(x, plan)
@@ -501,6 +510,20 @@ def _float_plan(fmt, s, layout, rounding, generator, saturate):
             return k.float_fake_quant(x, fmt, s, layout, seed, saturate, need_mask)
         s_full = None if s is None else layout.expand(s)
         return _float_reference(x, fmt, s_full, rounding, seed, saturate)
+
+    return plan
+
+
+def _binary_plan(fmt, s, layout, rounding, generator):
+    seed = draw_seed(generator) if rounding == "stochastic" else None
+    k = _kernel()
+
+    def plan(x, need_mask):
+        if k is not None and k.supports(x, layout):
+            mul = s if s is not None else _mean_abs(x, layout) if fmt.scaled else None
+            return k.binary_fake_quant(x, s, mul, layout, seed, need_mask)
+        s_full = None if s is None else layout.expand(s)
+        return _binary_reference(x, fmt, s_full, layout, rounding, seed)
 
     return plan
 

@@ -7,6 +7,7 @@
 //                 out = (clamp(q, qmin, qmax) - zp) * scale
 //   minifloat e{E}m{M}: round-to-nearest-even (or stochastic) on the float32 bit pattern,
 //                 a separate path for the format's subnormal range, saturation, NaN kept.
+//   binary:       +-1 (sign(0) = +1), optionally scaled; hardtanh STE mask |x/scale| <= 1.
 // Stochastic rounding rounds up iff r31 < floor(frac * 2^31), where r31 is the top 31 bits
 // of splitmix64(seed + (i + 1) * golden_gamma) for element index i.
 // The loops are written to be auto-vectorised (-O3 -march=native); no torch headers are used,
@@ -140,6 +141,32 @@ __attribute__((noinline)) void float_run(const float* __restrict x, float* __res
   }
 }
 
+// Binarization: +1 where x/div >= 0 (so sign(0) = +1), else -1, times mul; NaN stays NaN.
+// Stochastic (QNN): +1 with probability p = clip((x/div + 1) / 2, 0, 1).
+template <bool kStochastic, bool kMask, bool kDiv, bool kMul>
+__attribute__((noinline)) void binary_run(const float* __restrict x, float* __restrict out,
+                                          uint8_t* __restrict m, const int32_t* __restrict rnd,
+                                          int64_t i0, int64_t i1, float div, float mul) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float xs = kDiv ? x[i] / div : x[i];
+    float b;
+    if (kStochastic) {
+      float p = (xs + 1.0f) / 2.0f;
+      p = p >= 0.0f ? p : 0.0f;  // also NaN -> 0 (the result is NaN anyway)
+      p = p > 1.0f ? 1.0f : p;
+      // floor(p * 2^31) reaches 2^31 at p = 1: compare unsigned
+      const uint32_t thr = static_cast<uint32_t>(p * kTwo31);
+      b = static_cast<uint32_t>(rnd[i - i0]) < thr ? 1.0f : -1.0f;
+    } else {
+      b = xs >= 0.0f ? 1.0f : -1.0f;
+    }
+    float o = kMul ? b * mul : b;
+    o = xs != xs ? xs : o;
+    out[i] = o;
+    if (kMask) m[i - i0] = static_cast<uint8_t>(std::fabs(xs) <= 1.0f);
+  }
+}
+
 // Pack 8 bytes holding 0/1 into the bits of one byte (bit j = byte j).
 inline uint8_t pack8(const uint8_t* b) {
   uint64_t v;
@@ -253,6 +280,39 @@ void float_fake_quant(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t mask_ptr, in
                  });
 }
 
+template <bool kStochastic, bool kMask>
+void binary_dispatch(const float* x, float* out, uint8_t* m, const int32_t* r, int64_t i0,
+                     int64_t i1, const float* div, const float* mul, int64_t c) {
+  if (div != nullptr && mul != nullptr)
+    binary_run<kStochastic, kMask, true, true>(x, out, m, r, i0, i1, div[c], mul[c]);
+  else if (mul != nullptr)
+    binary_run<kStochastic, kMask, false, true>(x, out, m, r, i0, i1, 1.0f, mul[c]);
+  else
+    binary_run<kStochastic, kMask, false, false>(x, out, m, r, i0, i1, 1.0f, 1.0f);
+}
+
+void binary_fake_quant(uintptr_t x_ptr, uintptr_t out_ptr, uintptr_t mask_ptr, int64_t n,
+                       uintptr_t div_ptr, uintptr_t mul_ptr, int64_t channels, int64_t inner,
+                       bool stochastic, int64_t seed, int threads) {
+  py::gil_scoped_release release;
+  const auto* x = reinterpret_cast<const float*>(x_ptr);
+  auto* out = reinterpret_cast<float*>(out_ptr);
+  auto* mask = reinterpret_cast<uint8_t*>(mask_ptr);
+  const auto* div = reinterpret_cast<const float*>(div_ptr);
+  const auto* mul = reinterpret_cast<const float*>(mul_ptr);
+  const auto s = static_cast<uint64_t>(seed);
+  for_each_block(n, channels, inner, mask, stochastic, s, threads,
+                 [&](int64_t i0, int64_t i1, int64_t c, uint8_t* m, const int32_t* r) {
+                   if (stochastic) {
+                     if (mask) binary_dispatch<true, true>(x, out, m, r, i0, i1, div, mul, c);
+                     else binary_dispatch<true, false>(x, out, m, r, i0, i1, div, mul, c);
+                   } else {
+                     if (mask) binary_dispatch<false, true>(x, out, m, r, i0, i1, div, mul, c);
+                     else binary_dispatch<false, false>(x, out, m, r, i0, i1, div, mul, c);
+                   }
+                 });
+}
+
 // grad_in = grad * bit(mask, i)  (multiplication, as torch's fake_quantize backward)
 struct BitTable {
   alignas(64) float v[256][8];
@@ -289,5 +349,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowbit fused fake quantization (float32, CPU)";
   m.def("int_fake_quant", &int_fake_quant);
   m.def("float_fake_quant", &float_fake_quant);
+  m.def("binary_fake_quant", &binary_fake_quant);
   m.def("masked_grad", &masked_grad);
 }
