@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -192,7 +191,6 @@ def _run(name, epochs, shared_datasets, tmp_path, extra=()):
 @pytest.mark.parametrize("name", ["mnist_mlp_fp32", "mnist_mlp_w8a8"])
 def test_mnist_mlp_recipe(name, shared_datasets, tmp_path):
     """The full MNIST MLP recipe (10 epochs): at least 98 % test accuracy."""
-    torch.set_num_threads(2)
     res, secs = _run(name, 10, shared_datasets, tmp_path)
     print(f"{name}: top-1 {res.final['val_top1']:.2f} % after 10 epochs in {secs:.0f} s")
     assert res.final["val_top1"] >= 98.0
@@ -202,7 +200,6 @@ def test_mnist_mlp_recipe(name, shared_datasets, tmp_path):
 @pytest.mark.parametrize("name", ["cifar10_resnet20_fp32", "cifar10_resnet20_w8a8"])
 def test_cifar10_resnet20_short(name, shared_datasets, tmp_path):
     """A short (3-epoch) CIFAR-10 ResNet-20 run learns: top-1 well above the 10 % chance."""
-    torch.set_num_threads(2)
     res, secs = _run(name, 3, shared_datasets, tmp_path)
     print(f"{name}: top-1 {res.final['val_top1']:.2f} % after 3 epochs in {secs:.0f} s")
     assert res.final["val_top1"] >= 45.0
