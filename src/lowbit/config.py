@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -177,7 +178,9 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
         raise TypeError(f"recipe must be a name or a path, got {type(name_or_path).__name__}")
     text: str
     path = Path(name_or_path)
-    if str(name_or_path).endswith(".toml") or path.is_file():
+    text_name = str(name_or_path)
+    if isinstance(name_or_path, Path) or text_name.endswith(".toml") or "/" in text_name \
+            or os.sep in text_name:
         if not path.is_file():
             raise ConfigError(f"recipe file {str(path)!r} does not exist")
         text, label, name = path.read_text(encoding="utf-8"), str(path), path.stem
