@@ -141,6 +141,25 @@ def test_xnor_matmul_packed_inputs_and_sign_rule() -> None:
     assert torch.equal(xnor_matmul(a, pack_signs(b.T)), ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_scale_bias_epilogue(backend: str) -> None:
+    """float(a @ b) * scale + bias, rounded exactly as the separate torch ops round it."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = pm1(37, 300, gen=gen), pm1(300, 70, gen=gen)
+    scale, bias = torch.rand(70, generator=gen) * 0.3, torch.randn(70, generator=gen)
+    ref = exact_matmul(a, b).float() * scale + bias
+    out = xnor_matmul(a, b, scale=scale, bias=bias, backend=backend)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert torch.equal(xnor_matmul(a, b, bias=bias, backend=backend),
+                       exact_matmul(a, b).float() + bias)
+    assert torch.equal(xnor_matmul(a, b, scale=1.0, backend=backend), exact_matmul(a, b).float())
+    x = torch.randint(-128, 128, (9, 300), generator=gen)
+    ref = exact_matmul(x, b).float() * scale + bias
+    assert torch.equal(bitplane_matmul(x, b, scale=scale, bias=bias, backend=backend), ref)
+    with pytest.raises(ValueError, match="scale must be a scalar or have shape"):
+        xnor_matmul(a, b, scale=torch.ones(3), backend=backend)
+
+
 def test_compiled_backends_bit_exact_against_torch_fallback() -> None:
     gen = torch.Generator().manual_seed(3)
     a, b = pm1(40, 1500, gen=gen), pm1(1500, 90, gen=gen)

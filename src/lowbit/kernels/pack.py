@@ -88,7 +88,7 @@ def extension() -> ModuleType | None:
         return load(
             name="lowbit_xnor",
             sources=[str(_CSRC)],
-            extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+            extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -38,15 +38,45 @@ def _as_rows(x: Tensor | PackedBits, name: str, transpose: bool, backend: str) -
     return pack_signs(x.t() if transpose else x, backend="torch" if backend == "torch" else "auto")
 
 
+def _affine_vector(v: Tensor | float | None, n: int, name: str, device: torch.device
+                   ) -> Tensor | None:
+    """A contiguous float32 ``[n]`` vector (scalars broadcast), or None."""
+    if v is None:
+        return None
+    t = torch.as_tensor(v, dtype=torch.float32, device=device)
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _apply_affine(acc: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Reference epilogue: ``float32(acc) * scale + bias`` (two roundings, like the kernel)."""
+    y = acc.to(torch.float32)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
 def xnor_matmul(
-    a: Tensor | PackedBits, b: Tensor | PackedBits, *, backend: str = "auto"
+    a: Tensor | PackedBits,
+    b: Tensor | PackedBits,
+    *,
+    scale: Tensor | float | None = None,
+    bias: Tensor | float | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Exact ``sign(a) @ sign(b)`` (``+1`` at 0) as an int32 ``[M, N]`` tensor.
 
     ``a`` is an ``[M, K]`` matrix or its packed rows (``pack_signs(a)``); ``b`` is a ``[K, N]``
     matrix or the packed rows of its transpose (``pack_signs(b.T)``, i.e. one packed row per
     output column, the layout of a linear layer's weight). For ``±1`` inputs the result equals
-    ``a @ b`` exactly. ``backend``: ``"auto"``, ``"avx512"``, ``"avx2"``, ``"scalar"``, ``"torch"``.
+    ``a @ b`` exactly. With ``scale`` and/or ``bias`` (scalars or ``[N]`` vectors) the result is
+    float32 ``float(a @ b) * scale + bias``, fused into the kernel. ``backend``: ``"auto"``,
+    ``"avx512"``, ``"avx2"``, ``"scalar"``, ``"torch"``.
     """
     backend = resolve_backend(backend)
     pa = _as_rows(a, "a", transpose=False, backend=backend)
@@ -59,10 +89,15 @@ def xnor_matmul(
         raise ValueError(f"K={pa.length} does not fit the int32 result")
     if pa.words.device != pb.words.device:
         raise ValueError(f"a and b are on different devices: {pa.words.device}, {pb.words.device}")
+    n = pb.words.shape[0]
+    sv = _affine_vector(scale, n, "scale", pa.words.device)
+    bv = _affine_vector(bias, n, "bias", pa.words.device)
+    out_float = sv is not None or bv is not None
     if backend == "torch" or pa.words.device.type != "cpu":
-        return _xnor_matmul_torch(pa.words, pb.words, pa.length)
+        acc = _xnor_matmul_torch(pa.words, pb.words, pa.length)
+        return _apply_affine(acc, sv, bv) if out_float else acc
     return extension().xnor_gemm(
-        pa.words.contiguous(), pb.words.contiguous(), pa.length, backend
+        pa.words.contiguous(), pb.words.contiguous(), pa.length, sv, bv, out_float, backend
     )
 
 
@@ -87,15 +122,19 @@ def bitplane_matmul(
     *,
     bits: int = 8,
     signed: bool | None = None,
+    scale: Tensor | float | None = None,
+    bias: Tensor | float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Exact ``x @ sign(w)`` for an integer ``x`` (fixed-point first-layer input), as int32.
 
     ``x`` is ``[M, K]`` with integer values of ``bits`` bits (unsigned ``0..2^bits-1``, or
     two's-complement signed ``-2^(bits-1)..2^(bits-1)-1``; ``signed=None`` means signed when
-    ``x`` has a negative value). ``w`` is ``[K, N]`` or the packed rows of its transpose. The product is the QNN
-    bit-plane sum ``sum_n 2^(n-1) * (x^n · w)`` where ``x^n`` is bit plane ``n`` (the top plane
-    weighs ``-2^(bits-1)`` when signed), each plane product computed with XNOR-popcount.
+    ``x`` has a negative value). ``w`` is ``[K, N]`` or the packed rows of its transpose. The
+    product is the QNN bit-plane sum ``sum_n 2^(n-1) * (x^n · w)`` where ``x^n`` is bit plane
+    ``n`` (the top plane weighs ``-2^(bits-1)`` when signed), each plane product computed with
+    XNOR-popcount. ``scale``/``bias`` give float32 ``float(x @ w) * scale + bias`` as in
+    :func:`xnor_matmul`.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
@@ -103,14 +142,15 @@ def bitplane_matmul(
         raise TypeError(f"x must have an integer dtype, got {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be a 2-D matrix, got shape {tuple(x.shape)}")
-    if not isinstance(bits, int) or not 1 <= bits <= 16:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+    lo_x, hi_x = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
     if signed is None:
-        signed = bool(x.numel()) and int(x.min()) < 0
+        signed = lo_x < 0
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    if x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
+    if lo_x < lo or hi_x > hi:
         raise ValueError(
-            f"x has values in [{int(x.min())}, {int(x.max())}], outside the "
+            f"x has values in [{lo_x}, {hi_x}], outside the "
             f"{'signed' if signed else 'unsigned'} {bits}-bit range [{lo}, {hi}]"
         )
     backend = resolve_backend(backend)
@@ -120,24 +160,27 @@ def bitplane_matmul(
         raise ValueError(f"inner dimensions differ: x has K={k}, w has K={pw.length}")
     if k * 2**bits >= 2**31:
         raise ValueError(f"K={k} with {bits}-bit inputs can overflow the int32 result")
+    n = pw.words.shape[0]
+    sv = _affine_vector(scale, n, "scale", x.device)
+    bv = _affine_vector(bias, n, "bias", x.device)
+    out_float = sv is not None or bv is not None
     xi = x.to(torch.int32).contiguous()
     if backend != "torch" and x.device.type == "cpu":
-        words = extension().pack_bitplanes_i32(xi, bits, backend)
-        packed_planes = PackedBits(words.view(bits * m, -1), k)
-    else:
-        shifts = torch.arange(bits, dtype=torch.int32, device=x.device).view(bits, 1, 1)
-        planes = ((xi.unsqueeze(0) >> shifts) & 1).bool()  # [bits, M, K], two's complement
-        # a 0/1 plane b is the ±1 vector s = 2b - 1: set bit (-1) where b == 0
-        packed_planes = pack_bits(~planes.reshape(bits * m, k))
-    # b·w = (s·w + sum(w)) / 2, and sum(w) is the product with the all-(+1) row
-    dots = xnor_matmul(packed_planes, pw, backend=backend).view(bits, m, -1)
+        ext = extension()
+        planes = ext.pack_bitplanes_i32(xi, bits, backend)  # [M * bits, W], row-major planes
+        return ext.bitplane_gemm(planes, pw.words.contiguous(), k, bits, signed, sv, bv,
+                                 out_float, backend)
+    shifts = torch.arange(bits, dtype=torch.int32, device=x.device)
+    planes = ((xi.unsqueeze(-2) >> shifts.view(bits, 1)) & 1).bool()  # [M, bits, K]
+    # a 0/1 plane b is the ±1 vector s = 2b - 1: set bit (-1) where b == 0
+    dots = xnor_matmul(pack_bits(~planes.reshape(m * bits, k)), pw, backend="torch")
+    # b·w = (s·w + sum(w)) / 2; sum(w) is the product with the all-(+1) row
     ones = PackedBits(torch.zeros(1, pw.words.shape[1], dtype=torch.int64, device=x.device), k)
-    col_sums = xnor_matmul(ones, pw, backend=backend)  # [1, N]
-    weights = [1 << n for n in range(bits)]
+    col_sums = xnor_matmul(ones, pw, backend="torch").to(torch.int64)  # [1, N]
+    coef = [1 << i for i in range(bits)]
     if signed:
-        weights[-1] = -weights[-1]
-    coef = torch.tensor(weights, dtype=torch.int32, device=x.device).view(bits, 1, 1)
-    # every c_n * (s_n·w + sum(w)) is even, so the halving below is exact (int32 cannot
-    # overflow: |result| < K * 2^bits < 2^31 was checked above)
-    total = (coef * dots).sum(0, dtype=torch.int32) + col_sums * sum(weights)
-    return torch.div(total, 2, rounding_mode="floor")
+        coef[-1] = -coef[-1]
+    c = torch.tensor(coef, dtype=torch.int64, device=x.device).view(1, bits, 1)
+    total = (c * dots.view(m, bits, n).to(torch.int64)).sum(1) + col_sums * sum(coef)
+    acc = torch.div(total, 2, rounding_mode="floor").to(torch.int32)  # exact: total is even
+    return _apply_affine(acc, sv, bv) if out_float else acc

@@ -147,13 +147,6 @@ class _PackedBinaryBase(nn.Module):
         """The packed sign rows of the weight (one row per output)."""
         return PackedBits(self.weight_words, self._k)
 
-    def _finish(self, acc: Tensor, dtype: torch.dtype) -> Tensor:
-        y = acc.to(torch.float32)
-        if self.weight_scale is not None:
-            y = y * self.weight_scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(dtype)
 
 
 class PackedBinaryLinear(_PackedBinaryBase):
@@ -230,15 +223,17 @@ class PackedBinaryLinear(_PackedBinaryBase):
             raise ValueError(f"expected last dim {self.in_features}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
+        # the kernel's epilogue gives float32 float(dot) * scale + bias (scale 1 is exact)
+        scale = self.weight_scale if self.weight_scale is not None else 1.0
         if self.input_bits is None:
-            acc = xnor_matmul(pack_signs(rows, backend=self.backend), self.packed_weight,
-                              backend=self.backend)
+            y = xnor_matmul(pack_signs(rows, backend=self.backend), self.packed_weight,
+                            scale=scale, bias=self.bias, backend=self.backend)
             out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
         else:
-            acc = bitplane_matmul(rows, self.packed_weight, bits=self.input_bits,
-                                  backend=self.backend)
+            y = bitplane_matmul(rows, self.packed_weight, bits=self.input_bits, scale=scale,
+                                bias=self.bias, backend=self.backend)
             out_dtype = torch.float32
-        return self._finish(acc, out_dtype).reshape(*lead, self.out_features)
+        return y.to(out_dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

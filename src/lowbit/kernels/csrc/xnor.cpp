@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -161,19 +163,24 @@ void micro_edge(int64_t r, int64_t nr, const u64* a, int64_t lda, const u64* b, 
   }
 }
 
-// C[M, N] = K - 2 * popcount(A[m] ^ B[n]) with A: [M, W], B: [N, W] words (row-major).
-template <class Isa>
-void gemm(const u64* A, const u64* B, int32_t* C, int64_t M, int64_t N, int64_t W, int64_t K) {
-  const int64_t mb = (M + MC - 1) / MC;
+// Popcounts of A[m] ^ B[n] (A: [M, W], B: [N, W] words, row-major) handed block by block to
+// `epi(i0, i1, j0, j1, pop, ld)`, where pop[(i - i0) * ld + (j - j0)] = popcount over all W
+// words. Row blocks have `mc` rows (the epilogue of the bit-plane product needs whole groups).
+template <class Isa, class Epilogue>
+void gemm(const u64* A, const u64* B, int64_t M, int64_t N, int64_t W, int64_t mc,
+          const Epilogue& epi) {
+  const int64_t mb = (M + mc - 1) / mc;
   const int64_t nb = (N + NC - 1) / NC;
   // Each thread gets at least kMinWork word pairs (small products run inline: a parallel
   // region costs more than they do, and much more when the CPUs are oversubscribed).
-  const int64_t task_work = std::min(M, MC) * std::min(N, NC) * std::max<int64_t>(W, 1);
+  const int64_t task_work = std::min(M, mc) * std::min(N, NC) * std::max<int64_t>(W, 1);
   const int64_t grain = std::max<int64_t>(1, kMinWork / task_work);
   at::parallel_for(0, mb * nb, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> pop(static_cast<size_t>(mc * NC));
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t i0 = (t / nb) * MC, i1 = std::min(M, i0 + MC);
+      const int64_t i0 = (t / nb) * mc, i1 = std::min(M, i0 + mc);
       const int64_t j0 = (t % nb) * NC, j1 = std::min(N, j0 + NC);
+      std::fill(pop.begin(), pop.end(), 0);
       for (int64_t k0 = 0; k0 < W; k0 += KC) {
         const int64_t kw = std::min(KC, W - k0);
         for (int64_t i = i0; i < i1; i += Isa::MR) {
@@ -182,20 +189,90 @@ void gemm(const u64* A, const u64* B, int32_t* C, int64_t M, int64_t N, int64_t 
             const int64_t nr = std::min<int64_t>(Isa::NR, j1 - j);
             const u64* a = A + i * W + k0;
             const u64* b = B + j * W + k0;
-            int32_t* c = C + i * N + j;
+            int32_t* c = pop.data() + (i - i0) * NC + (j - j0);
             if (r == Isa::MR && nr == Isa::NR) {
-              Isa::template micro<Isa::MR, Isa::NR>(a, W, b, W, kw, c, N);
+              Isa::template micro<Isa::MR, Isa::NR>(a, W, b, W, kw, c, NC);
             } else {
-              micro_edge<Isa, Isa::MR, Isa::NR>(r, nr, a, W, b, W, kw, c, N);
+              micro_edge<Isa, Isa::MR, Isa::NR>(r, nr, a, W, b, W, kw, c, NC);
             }
           }
         }
       }
-      const int32_t k32 = static_cast<int32_t>(K);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) C[i * N + j] = k32 - 2 * C[i * N + j];
+      epi(i0, i1, j0, j1, pop.data(), NC);
     }
   });
+}
+
+// ------------------------------------------------------------------------------ epilogues
+// Output stores: an exact int32, or float32 computed as float(v) * scale[j] + bias[j] with the
+// same two roundings as the torch ops (the file is built with -ffp-contract=off: no FMA).
+struct StoreInt {
+  int32_t* out;
+  int64_t ld;
+  void put(int64_t i, int64_t j, int64_t v) const { out[i * ld + j] = static_cast<int32_t>(v); }
+};
+
+struct StoreFloat {
+  float* out;
+  int64_t ld;
+  const float* scale;  // may be null
+  const float* bias;   // may be null
+  void put(int64_t i, int64_t j, int64_t v) const {
+    float f = static_cast<float>(v);
+    if (scale != nullptr) f = f * scale[j];
+    if (bias != nullptr) f = f + bias[j];
+    out[i * ld + j] = f;
+  }
+};
+
+// Binary product: dot = K - 2 * popcount.
+template <class Store>
+struct DotEpilogue {
+  Store store;
+  int64_t K;
+  void operator()(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const int32_t* pop,
+                  int64_t ld) const {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; ++j) store.put(i, j, K - 2 * int64_t{pop[(i - i0) * ld + j - j0]});
+  }
+};
+
+// Bit-plane product: rows come in groups of `bits` planes of one input row; plane n (0/1
+// values b) was packed as s = 2b - 1, so b·w = (s·w + sum(w)) / 2 and the output is
+// sum_n coef[n] * b_n·w = (sum_n coef[n] * s_n·w + csum * sum(w)) / 2 (exact: even).
+template <class Store>
+struct PlanesEpilogue {
+  Store store;
+  int64_t K;
+  int64_t bits;
+  const int64_t* coef;
+  int64_t csum;
+  const int64_t* colsum;
+  void operator()(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const int32_t* pop,
+                  int64_t ld) const {
+    for (int64_t i = i0; i < i1; i += bits) {
+      for (int64_t j = j0; j < j1; ++j) {
+        int64_t acc = csum * colsum[j];
+        for (int64_t n = 0; n < bits; ++n)
+          acc += coef[n] * (K - 2 * int64_t{pop[(i - i0 + n) * ld + j - j0]});
+        store.put(i / bits, j, acc / 2);
+      }
+    }
+  }
+};
+
+template <class Epilogue>
+void run_isa(const std::string& isa, const u64* A, const u64* B, int64_t M, int64_t N, int64_t W,
+             int64_t mc, const Epilogue& epi) {
+  if (isa == "avx512") {
+    gemm<Avx512>(A, B, M, N, W, mc, epi);
+  } else if (isa == "avx2") {
+    gemm<Avx2>(A, B, M, N, W, mc, epi);
+  } else if (isa == "scalar") {
+    gemm<Scalar>(A, B, M, N, W, mc, epi);
+  } else {
+    TORCH_CHECK(false, "xnor: unknown isa '", isa, "' (avx512, avx2, scalar)");
+  }
 }
 
 // -------------------------------------------------------------------------- sign packing
@@ -231,7 +308,7 @@ void pack_row_scalar(const float* x, int64_t K, u64* out, int64_t W) {
 }
 
 // Bit planes of int32 values: plane n of row r gets a set bit where bit n of x is CLEAR (the
-// 0/1 plane b is stored as the ±1 vector 2b - 1). out: [bits, R, W].
+// 0/1 plane b is stored as the ±1 vector 2b - 1). out: [R, bits, W] (plane_stride = W).
 __attribute__((target("avx512f"))) void planes_row_avx512(const int32_t* x, int64_t K, int bits,
                                                          u64* out, int64_t plane_stride,
                                                          int64_t W) {
@@ -279,32 +356,94 @@ bool cpu_has(const std::string& isa) {
 
 }  // namespace
 
-// a: [M, W] int64, b: [N, W] int64 (both contiguous), k = true bit length; returns int32 [M, N].
-torch::Tensor xnor_gemm(const torch::Tensor& a, const torch::Tensor& b, int64_t k,
-                        const std::string& isa) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "xnor_gemm: a and b must be 2-D word matrices");
+namespace {
+
+void check_words(const torch::Tensor& a, const torch::Tensor& b, int64_t k, const std::string& isa) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "xnor: a and b must be 2-D word matrices");
   TORCH_CHECK(a.scalar_type() == torch::kInt64 && b.scalar_type() == torch::kInt64,
-              "xnor_gemm: words must be int64");
-  TORCH_CHECK(a.size(1) == b.size(1), "xnor_gemm: word counts differ");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "xnor_gemm: inputs must be contiguous");
-  TORCH_CHECK(k >= 0 && k <= a.size(1) * 64, "xnor_gemm: k out of range");
-  TORCH_CHECK(cpu_has(isa), "xnor_gemm: this CPU does not support isa '", isa, "'");
+              "xnor: words must be int64");
+  TORCH_CHECK(a.size(1) == b.size(1), "xnor: word counts differ");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "xnor: inputs must be contiguous");
+  TORCH_CHECK(k >= 0 && k <= a.size(1) * 64 && k < (int64_t{1} << 31), "xnor: k out of range");
+  TORCH_CHECK(cpu_has(isa), "xnor: this CPU does not support isa '", isa, "'");
+}
+
+const float* vector_or_null(const std::optional<torch::Tensor>& v, int64_t n, const char* name) {
+  if (!v.has_value()) return nullptr;
+  TORCH_CHECK(v->scalar_type() == torch::kFloat32 && v->dim() == 1 && v->size(0) == n &&
+                  v->is_contiguous(),
+              "xnor: ", name, " must be a contiguous float32 vector of the output width");
+  return v->data_ptr<float>();
+}
+
+}  // namespace
+
+// a: [M, W], b: [N, W] int64 words (contiguous), k = true bit length. Returns the int32
+// products [M, N], or with out_float float32 products * scale + bias (optional [N] vectors).
+torch::Tensor xnor_gemm(const torch::Tensor& a, const torch::Tensor& b, int64_t k,
+                        const std::optional<torch::Tensor>& scale,
+                        const std::optional<torch::Tensor>& bias, bool out_float,
+                        const std::string& isa) {
+  check_words(a, b, k, isa);
   const int64_t M = a.size(0), N = b.size(0), W = a.size(1);
-  auto c = torch::zeros({M, N}, a.options().dtype(torch::kInt32));
-  if (M == 0 || N == 0) return c;
   const u64* A = reinterpret_cast<const u64*>(a.data_ptr<int64_t>());
   const u64* B = reinterpret_cast<const u64*>(b.data_ptr<int64_t>());
-  int32_t* C = c.data_ptr<int32_t>();
-  if (isa == "avx512") {
-    gemm<Avx512>(A, B, C, M, N, W, k);
-  } else if (isa == "avx2") {
-    gemm<Avx2>(A, B, C, M, N, W, k);
-  } else if (isa == "scalar") {
-    gemm<Scalar>(A, B, C, M, N, W, k);
-  } else {
-    TORCH_CHECK(false, "xnor_gemm: unknown isa '", isa, "' (avx512, avx2, scalar)");
+  if (!out_float) {
+    TORCH_CHECK(!scale.has_value() && !bias.has_value(), "xnor: scale/bias need out_float");
+    auto c = torch::empty({M, N}, a.options().dtype(torch::kInt32));
+    if (M > 0 && N > 0)
+      run_isa(isa, A, B, M, N, W, MC, DotEpilogue<StoreInt>{{c.data_ptr<int32_t>(), N}, k});
+    return c;
   }
-  return c;
+  auto y = torch::empty({M, N}, a.options().dtype(torch::kFloat32));
+  const StoreFloat store{y.data_ptr<float>(), N, vector_or_null(scale, N, "scale"),
+                         vector_or_null(bias, N, "bias")};
+  if (M > 0 && N > 0) run_isa(isa, A, B, M, N, W, MC, DotEpilogue<StoreFloat>{store, k});
+  return y;
+}
+
+// planes: [M * bits, W] words from pack_bitplanes_i32 (row m's planes are rows m*bits..+bits),
+// b: [N, W]. Returns x @ w for the M integer rows (int32, or float32 * scale + bias).
+torch::Tensor bitplane_gemm(const torch::Tensor& planes, const torch::Tensor& b, int64_t k,
+                            int64_t bits, bool is_signed,
+                            const std::optional<torch::Tensor>& scale,
+                            const std::optional<torch::Tensor>& bias, bool out_float,
+                            const std::string& isa) {
+  check_words(planes, b, k, isa);
+  TORCH_CHECK(bits >= 1 && bits <= 16 && planes.size(0) % bits == 0,
+              "bitplane_gemm: bits must be in 1..16 and divide the number of plane rows");
+  const int64_t M = planes.size(0) / bits, N = b.size(0), W = b.size(1);
+  const u64* A = reinterpret_cast<const u64*>(planes.data_ptr<int64_t>());
+  const u64* B = reinterpret_cast<const u64*>(b.data_ptr<int64_t>());
+  std::vector<int64_t> coef(static_cast<size_t>(bits));
+  int64_t csum = 0;
+  for (int64_t n = 0; n < bits; ++n) {
+    coef[n] = (is_signed && n == bits - 1) ? -(int64_t{1} << n) : (int64_t{1} << n);
+    csum += coef[n];
+  }
+  std::vector<int64_t> colsum(static_cast<size_t>(N));  // sum of each ±1 weight row
+  for (int64_t j = 0; j < N; ++j) {
+    int64_t ones = 0;
+    for (int64_t w = 0; w < W; ++w) ones += __builtin_popcountll(B[j * W + w]);
+    colsum[j] = k - 2 * ones;
+  }
+  const int64_t mc = std::max<int64_t>(1, MC / bits) * bits;  // whole groups per block
+  if (!out_float) {
+    TORCH_CHECK(!scale.has_value() && !bias.has_value(), "xnor: scale/bias need out_float");
+    auto c = torch::empty({M, N}, b.options().dtype(torch::kInt32));
+    if (M > 0 && N > 0)
+      run_isa(isa, A, B, M * bits, N, W, mc,
+              PlanesEpilogue<StoreInt>{{c.data_ptr<int32_t>(), N}, k, bits, coef.data(), csum,
+                                       colsum.data()});
+    return c;
+  }
+  auto y = torch::empty({M, N}, b.options().dtype(torch::kFloat32));
+  const StoreFloat store{y.data_ptr<float>(), N, vector_or_null(scale, N, "scale"),
+                         vector_or_null(bias, N, "bias")};
+  if (M > 0 && N > 0)
+    run_isa(isa, A, B, M * bits, N, W, mc,
+            PlanesEpilogue<StoreFloat>{store, k, bits, coef.data(), csum, colsum.data()});
+  return y;
 }
 
 // x: [R, K] float32 contiguous -> [R, ceil(K / 64)] int64, bit set where !(x >= 0).
@@ -329,13 +468,13 @@ torch::Tensor pack_signs_f32(const torch::Tensor& x, const std::string& isa) {
   return out;
 }
 
-// x: [R, K] int32 contiguous -> [bits, R, ceil(K / 64)] int64 words (see planes_row_*).
+// x: [R, K] int32 contiguous -> [R * bits, ceil(K / 64)] int64 words (see planes_row_*).
 torch::Tensor pack_bitplanes_i32(const torch::Tensor& x, int64_t bits, const std::string& isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt32 && x.is_contiguous(),
               "pack_bitplanes_i32: x must be a contiguous 2-D int32 tensor");
   TORCH_CHECK(bits >= 1 && bits <= 16, "pack_bitplanes_i32: bits must be in 1..16");
   const int64_t R = x.size(0), K = x.size(1), W = (K + 63) / 64;
-  auto out = torch::empty({bits, R, W}, x.options().dtype(torch::kInt64));
+  auto out = torch::empty({R * bits, W}, x.options().dtype(torch::kInt64));
   const int32_t* X = x.data_ptr<int32_t>();
   u64* O = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
   const bool vec = (isa == "avx512") && cpu_has("avx512");
@@ -344,9 +483,9 @@ torch::Tensor pack_bitplanes_i32(const torch::Tensor& x, int64_t bits, const std
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (vec) {
-        planes_row_avx512(X + r * K, K, nb, O + r * W, R * W, W);
+        planes_row_avx512(X + r * K, K, nb, O + r * bits * W, W, W);
       } else {
-        planes_row_scalar(X + r * K, K, nb, O + r * W, R * W, W);
+        planes_row_scalar(X + r * K, K, nb, O + r * bits * W, W, W);
       }
     }
   });
@@ -358,6 +497,7 @@ bool supports(const std::string& isa) { return cpu_has(isa); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("xnor_gemm", &xnor_gemm, "XNOR-popcount GEMM on packed sign bits");
   m.def("pack_signs_f32", &pack_signs_f32, "pack float32 signs into int64 words");
+  m.def("bitplane_gemm", &bitplane_gemm, "bit-plane product of integer rows and sign bits");
   m.def("pack_bitplanes_i32", &pack_bitplanes_i32, "pack the bit planes of int32 values");
   m.def("supports", &supports, "whether this CPU runs the given isa path");
 }
