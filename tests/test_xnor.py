@@ -279,7 +279,8 @@ def test_packed_linear_first_layer_bitplanes() -> None:
 
 
 def test_packed_layer_state_dict_round_trip() -> None:
-    src = PackedBinaryLinear.from_weight(torch.randn(5, 70), torch.randn(5))
+    src = PackedBinaryLinear.from_weight(torch.randn(5, 70), torch.randn(5),
+                                         weight_scale=torch.rand(5))
     dst = PackedBinaryLinear(70, 5)
     dst.load_state_dict(src.state_dict())
     x = torch.randn(4, 70)

@@ -142,6 +142,15 @@ class _PackedBinaryBase(nn.Module):
         else:
             self.bias = _out_vector(bias, rows, "bias")
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "weight_scale"  # an optional buffer: make room when the source has one
+        if key in state_dict and self.weight_scale is None:
+            self.weight_scale = torch.empty(self.weight_words.shape[0],
+                                            device=self.weight_words.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     @property
     def packed_weight(self) -> PackedBits:
         """The packed sign rows of the weight (one row per output)."""
