@@ -11,9 +11,14 @@ w8a8          int8 per channel    uint8 batch / EMA   -                      sam
 w8a8g8        int8 per channel    uint8 batch / EMA   int8, stochastic       same
 w4a8          int4 per channel    uint8 batch / EMA   -                      w8a8
 w4a4          int4 per channel    uint4 batch / EMA   -                      w8a8
+w3a3          int3 per channel    uint3 batch / EMA   -                      w8a8
 w2a2          int2 per channel    uint2 batch / EMA   -                      w8a8
+w2a2g6        int2 per channel    uint2 batch / EMA   int6, stochastic       w8a8
 w1a2          binary (+-1)        uint2 batch / EMA   -                      w8a8
+w1a2g6        binary (+-1)        uint2 batch / EMA   int6, stochastic       w8a8
 w1a1          binary (+-1)        binary (+-1)        -                      w8a8
+w1a1g6        binary (+-1)        binary (+-1)        int6, stochastic       w8a8
+w1a8, w2a8    binary / int2       uint8 batch / EMA   -                      same
 fp8           e5m2                e5m2                e5m2, stochastic       fp32
 fp8-hybrid    e4m3 per-tensor     e4m3 per-tensor     e5m2, stochastic       fp32
               scaled (current)    scaled (current)
@@ -24,6 +29,8 @@ Integer activations are affine (unsigned, zero point from the range): in trainin
 is quantized with its own min/max (so nothing is clipped and the straight-through gradient
 is the identity, as in the 8-bit training paper's code) while an exponential moving average
 of those ranges (PyTorch semantics, momentum 0.1) is kept in buffers and used in eval mode.
+The ``g6`` schemes add the QNN paper's 6-bit gradients; ``w1a8``/``w2a8`` are the QNN
+first layer (low-bit weights, 8-bit fixed-point inputs), meant for ``overrides``.
 ``fp8`` follows the FP8 training paper (1-5-2 everywhere, no per-tensor scaling; loss scaling
 is the trainer's job); ``fp8-hybrid`` is today's recipe (e4m3 forward with per-tensor scales
 from the current max |x|, e5m2 backward).
@@ -185,9 +192,15 @@ _builtin("w8a8", "int8", "uint8", first_last="same")
 _builtin("w8a8g8", "int8", "uint8", "int8", first_last="same")
 _builtin("w4a8", "int4", "uint8")
 _builtin("w4a4", "int4", "uint4")
+_builtin("w3a3", "int3", "uint3")
 _builtin("w2a2", "int2", "uint2")
+_builtin("w2a2g6", "int2", "uint2", "int6")
 _builtin("w1a2", "binary", "uint2")
+_builtin("w1a2g6", "binary", "uint2", "int6")
 _builtin("w1a1", "binary", "binary")
+_builtin("w1a1g6", "binary", "binary", "int6")
+_builtin("w1a8", "binary", "uint8", first_last="same")
+_builtin("w2a8", "int2", "uint8", first_last="same")
 _builtin("fp8", "e5m2", "e5m2", "e5m2", first_last="fp32")
 _builtin("fp8-hybrid", QuantSpec("e4m3", observer="dynamic"),
          QuantSpec("e4m3", observer="dynamic"), "e5m2", first_last="fp32")
