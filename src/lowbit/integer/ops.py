@@ -96,11 +96,14 @@ class Requantizer:
     def channels(self) -> int:
         return self.multiplier.numel()
 
-    def __call__(self, acc: Tensor, dim: int = -1, *, backend: str = "auto") -> Tensor:
-        """Requantize integer ``acc`` with channels along ``dim``; integer ops only.
+    def __call__(self, acc: Tensor, dim: int = -1, *, backend: str = "auto",
+                 acc_offset: Tensor | None = None) -> Tensor:
+        """Requantize integer ``acc - acc_offset`` with channels along ``dim``; integer ops only.
 
-        ``backend``: ``"compiled"`` (fused C++ loop, for int32 ``[rows, C]`` inputs and int8 /
-        uint8 outputs), ``"torch"``, or ``"auto"`` (compiled where it applies and builds).
+        ``acc_offset`` (int64 per channel, optional) is subtracted first: the activation zero
+        point times the weights' row sums. ``backend``: ``"compiled"`` (fused C++ loop, for
+        int32 2-D inputs and int8/uint8 outputs), ``"torch"``, or ``"auto"`` (compiled where it
+        applies and builds).
         """
         if acc.is_floating_point() or acc.is_complex():
             raise TypeError(f"acc must be an integer tensor, got {acc.dtype}")
@@ -108,18 +111,21 @@ class Requantizer:
         if acc.shape[dim] != self.channels:
             raise ValueError(f"acc has {acc.shape[dim]} channels on dim {dim}, "
                              f"expected {self.channels}")
-        fits = (acc.dtype == torch.int32 and acc.dim() == 2 and dim == 1
+        zs = (torch.zeros(self.channels, dtype=torch.int64) if acc_offset is None
+              else acc_offset.to(torch.int64))
+        fits = (acc.dtype == torch.int32 and acc.dim() == 2
                 and self.dtype in (torch.int8, torch.uint8))
         if backend == "compiled" and not fits:
-            raise ValueError("the compiled requantization takes int32 [rows, channels] "
-                             "accumulators and int8/uint8 outputs")
+            raise ValueError("the compiled requantization takes int32 2-D accumulators and "
+                             "int8/uint8 outputs")
         if fits and _use_ext(backend):
-            return _ext.extension().requant_rows(
-                acc.contiguous(), self.multiplier, self.offset, self.shift, self.window,
-                self.zero_point, self.qmin, self.qmax, self.dtype == torch.uint8)
+            return _ext.extension().requant(
+                acc.contiguous(), dim == 0, zs, self.multiplier, self.offset, self.shift,
+                self.window, self.zero_point, self.qmin, self.qmax, self.dtype == torch.uint8)
         shape = [1] * acc.dim()
         shape[dim] = self.channels
-        v = acc.to(torch.int64) * self.multiplier.view(shape) + self.offset.view(shape)
+        v = (acc.to(torch.int64) - zs.view(shape)) * self.multiplier.view(shape) + \
+            self.offset.view(shape)
         k = self.shift.view(shape)
         q = v >> k
         r = v & ((1 << k) - 1)
@@ -190,7 +196,7 @@ def _as_int8(x: Tensor, zero_point: int) -> tuple[Tensor, int]:
     if x.dtype == torch.int8:
         return x, zero_point
     if x.dtype == torch.uint8:
-        return (x.to(torch.int16) - 128).to(torch.int8), zero_point - 128
+        return torch.bitwise_xor(x, 128).view(torch.int8), zero_point - 128
     raise TypeError(f"activations must be int8 or uint8, got {x.dtype}")
 
 
@@ -208,9 +214,8 @@ def int_linear(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
     lead = x8.shape[:-1]
     x2 = x8.reshape(-1, x8.shape[-1])
     acc = torch._int_mm(x2, weight.t().contiguous())
-    if z != 0:
-        acc = acc - z * weight.to(torch.int32).sum(1, dtype=torch.int32)
-    return requant(acc, dim=-1, backend=backend).reshape(*lead, weight.shape[0])
+    zs = z * weight.to(torch.int64).sum(1)
+    return requant(acc, dim=-1, backend=backend, acc_offset=zs).reshape(*lead, weight.shape[0])
 
 
 def _pair(v: Any, name: str) -> tuple[int, int]:
@@ -249,24 +254,31 @@ def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
     if c != cg * groups or o % groups:
         raise ValueError(f"channels {c} / weight {tuple(weight.shape)} / groups {groups} "
                          "do not match")
-    x8, z = _as_int8(x, int(input_zero_point))
-    use_ext = _use_ext(backend)
     og = o // groups
+    if _use_ext(backend):  # channel-major: acc^T = W · cols^T, then one layout change
+        z = int(input_zero_point) - (128 if x.dtype == torch.uint8 else 0)
+        if x.dtype not in (torch.int8, torch.uint8):
+            raise TypeError(f"activations must be int8 or uint8, got {x.dtype}")
+        oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        accs = []
+        for g in range(groups):
+            xg = x[:, g * cg:(g + 1) * cg] if groups > 1 else x
+            cols_t = _ext.extension().im2col_t(xg.contiguous(), kh, kw, sh, sw, ph, pw, dh, dw,
+                                               z)
+            accs.append(torch._int_mm(weight[g * og:(g + 1) * og].reshape(og, -1), cols_t))
+        acc = accs[0] if groups == 1 else torch.cat(accs, 0)
+        zs = z * weight.reshape(o, -1).to(torch.int64).sum(1)
+        y = requant(acc, dim=0, backend=backend, acc_offset=zs)
+        return y.view(o, n, oh * ow).permute(1, 0, 2).reshape(n, o, oh, ow)
+    x8, z = _as_int8(x, int(input_zero_point))
     accs = []
     for g in range(groups):
         xg = x8[:, g * cg:(g + 1) * cg] if groups > 1 else x8
-        if use_ext:
-            cols = _ext.extension().im2col_int8(xg.contiguous(), kh, kw, sh, sw, ph, pw, dh, dw,
-                                                z)
-            oh = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        else:
-            cols, oh, ow = _im2col_torch(xg, kh, kw, sh, sw, ph, pw, dh, dw, z)
-        wg = weight[g * og:(g + 1) * og].reshape(og, -1)
-        acc = torch._int_mm(cols, wg.t().contiguous())
-        if z != 0:
-            acc = acc - z * wg.to(torch.int32).sum(1, dtype=torch.int32)
-        accs.append(acc)
+        cols, oh, ow = _im2col_torch(xg, kh, kw, sh, sw, ph, pw, dh, dw, z)
+        accs.append(torch._int_mm(cols, weight[g * og:(g + 1) * og].reshape(og, -1).t()
+                                  .contiguous()))
     acc = accs[0] if groups == 1 else torch.cat(accs, 1)
-    y = requant(acc, dim=-1, backend=backend)
+    zs = z * weight.reshape(o, -1).to(torch.int64).sum(1)
+    y = requant(acc, dim=-1, backend="torch", acc_offset=zs)
     return y.reshape(n, oh, ow, o).permute(0, 3, 1, 2).contiguous()
