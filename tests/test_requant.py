@@ -292,6 +292,11 @@ def test_requantizer_ties_and_windows():
             acc = torch.tensor(np.stack([xs] * len(a), 1), dtype=torch.int32)
             got = rq(acc, dim=1, backend=backend).numpy().T
             np.testing.assert_array_equal(got, want)
+            got_t = rq(acc.t().contiguous(), dim=0, backend=backend).numpy()
+            np.testing.assert_array_equal(got_t, want)
+            off = torch.arange(len(a), dtype=torch.int64) * 7 - 20
+            got_o = rq(acc + off.to(torch.int32), dim=1, backend=backend, acc_offset=off)
+            np.testing.assert_array_equal(got_o.numpy().T, want)
 
 
 def test_integer_kernels_run_no_float_op():
