@@ -15,6 +15,13 @@ Measured here, all on random channels drawn by this script (seeded):
    accumulators over ``[-2^15, 2^15]`` exhaustively, multipliers a' = s_in·s_w·gamma/sigma/s_out
    ~ ±logU(1e-3, 2e-2), biases b' ~ N(0, 30), uint8 output with zero point 128.
 4. Wall time of the certified search per channel (int8, int4 and accumulator inputs).
+5. Whether windows that are not powers of two would ever allow a smaller shift: every
+   (M, C, w) with any window ``0 <= w < 2^k`` at k* - 1, by brute force, on int4 channels.
+6. Speed of the integer convolution (``lowbit.integer.int_conv2d``: int8 im2col +
+   ``torch._int_mm`` + fixed-point requantization, compiled and pure-torch) on ResNet-20's 3x3
+   layer shapes, against float32 ``F.conv2d`` and torch.ao's x86 int8 ``Conv2d`` in the same
+   process, 2 threads, batch 1 and 128. Medians of repeated runs; the load average of the
+   machine is recorded with them.
 
 Usage: ``python benchmarks/bench_integer.py [--channels 2000] [--quick]``; writes
 ``benchmarks/results/integer.json`` and ``integer.md`` (``--quick`` writes to a temp folder).
@@ -160,12 +167,120 @@ def main() -> None:
     }
     print("accumulator", studies["accumulator"])
     out["studies"] = studies
+    out["general_windows"] = general_window_study(rng, 60 if args.quick else 300)
+    print("general windows", out["general_windows"])
+    out["conv_speed"] = conv_speed(quick=args.quick)
+    for row in out["conv_speed"]:
+        print(row)
 
     dest = Path(tempfile.mkdtemp()) if args.quick else ROOT / "results"
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "integer.json").write_text(json.dumps(out, indent=1))
     (dest / "integer.md").write_text(markdown(out))
     print(f"wrote {dest / 'integer.json'} and integer.md")
+
+
+def _brute_min_shift_general(y, xs, k, zout, qmin, qmax) -> bool:
+    """Whether some (M, C) and any window 0 <= w < 2^k reproduce outputs ``y`` at shift k."""
+    span = max(y) - min(y) + 2
+    Ms = np.arange(-(span + 2) * 2**k - 2, (span + 2) * 2**k + 3, dtype=np.int64)
+    y = np.asarray(y)
+    n = y - zout
+    low, high = y <= qmin, y >= qmax
+    lo = np.where(high, qmax - zout, n)
+    hi = np.where(low, qmin - zout, n)
+    Mx = Ms[:, None] * np.asarray(xs)[None, :]
+    for w in range(0, 2**k):
+        L = np.where(low, -(2**60), lo * 2**k + w * (lo & 1))
+        U = np.where(high, 2**60, (hi + 1) * 2**k - 1 + w * (1 - (hi & 1)))
+        if ((L[None, :] - Mx).max(1) <= (U[None, :] - Mx).min(1)).any():
+            return True
+    return False
+
+
+def general_window_study(rng: np.random.Generator, n: int) -> dict:
+    a = list(rng.choice([-1, 1], n) * rng.uniform(0.05, 1.5, n))
+    b = list(rng.normal(0, 3, n))
+    fp = fixed_point_affine(a, b, "int4", "int4")
+    xs = np.arange(-8, 8)
+    ex = exact_outputs(ExactAffine.from_affine(a, b), xs, "int4")
+    helped = []
+    for c in range(n):
+        k = int(fp.min_shift[c])
+        if k >= 1 and _brute_min_shift_general(ex[c].tolist(), xs, k - 1, 0, -8, 7):
+            helped.append(c)
+    return {"channels": n, "with_k_ge_1": int((fp.min_shift >= 1).sum()),
+            "one_bit_less_with_any_window": len(helped)}
+
+
+def conv_speed(quick: bool = False) -> list[dict]:
+    import warnings
+
+    import torch
+
+    from lowbit.integer import _ext, int_conv2d, make_requantizer, requant_coefficients
+
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    torch.backends.quantized.engine = engine
+    from torch.ao.nn.quantized import Conv2d as AoConv2d
+
+    compiled = _ext.extension() is not None
+    rng = np.random.default_rng(7)
+    rows = []
+    for batch in (1, 128):
+        for c, hw in [(16, 32), (32, 16), (64, 8)]:
+            rows.append(_time_conv(rng, batch, c, hw, 3 if quick else 15, compiled,
+                                   int_conv2d, make_requantizer, requant_coefficients,
+                                   AoConv2d))
+    return rows
+
+
+def _time_conv(rng, batch, c, hw, reps, compiled, int_conv2d, make_requantizer,
+               requant_coefficients, AoConv2d) -> dict:
+    import torch
+
+    x = torch.randint(0, 256, (batch, c, hw, hw), dtype=torch.uint8)
+    w = torch.randint(-127, 128, (c, c, 3, 3), dtype=torch.int8)
+    sw = rng.uniform(0.002, 0.02, c)
+    bias = rng.normal(0, 0.3, c)
+    a, b = requant_coefficients(0.02, sw, 0.05, bias=bias)
+    rq, fp = make_requantizer(w, a, b, input_range="uint8", input_zero_point=0,
+                              output_range="uint8", output_zero_point=0)
+    xf = x.float() * 0.02
+    wf = w.float() * torch.tensor(sw, dtype=torch.float32)[:, None, None, None]
+    bf = torch.tensor(bias, dtype=torch.float32)
+    ao = AoConv2d(c, c, 3, padding=1)
+    qw = torch.quantize_per_channel(wf, torch.tensor(sw), torch.zeros(c, dtype=torch.long), 0,
+                                    torch.qint8)
+    ao.set_weight_bias(qw, bf)
+    ao.scale, ao.zero_point = 0.05, 0
+    xq = torch.quantize_per_tensor(xf, 0.02, 0, torch.quint8)
+    cands = {
+        "float32": lambda: torch.nn.functional.conv2d(xf, wf, bf, padding=1),
+        "torch.ao_x86": lambda: ao(xq),
+        "lowbit_torch": lambda: int_conv2d(x, w, rq, input_zero_point=0, padding=1,
+                                           backend="torch"),
+    }
+    if compiled:
+        cands["lowbit_compiled"] = lambda: int_conv2d(x, w, rq, input_zero_point=0, padding=1,
+                                                      backend="compiled")
+    times = {k: _median_ms(f, reps) for k, f in cands.items()}
+    return {"batch": batch, "channels": c, "hw": hw, "ms": times,
+            "k_max": int(fp.min_shift.max()), "acc_bits": int(fp.acc_bits().max()),
+            "ratio_vs_ao": {k: v / times["torch.ao_x86"] for k, v in times.items()},
+            "loadavg": os.getloadavg()[0]}
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts))
 
 
 def markdown(out: dict) -> str:
@@ -212,6 +327,26 @@ def markdown(out: dict) -> str:
               "in input units (round(b/a)), as they do for a convolution's accumulator; on int8 "
               "BatchNorm inputs that bias rounding alone is coarse, so these rows only "
               "show that standalone BN cannot be run that way.", ""]
+    g = out["general_windows"]
+    lines += ["## Windows that are not powers of two", "",
+              f"Brute force over every (M, C) and every window w < 2^k at k* - 1 on {g['channels']}"
+              f" int4 channels ({g['with_k_ge_1']} with k* >= 1): a general window would save one "
+              f"bit on {g['one_bit_less_with_any_window']} of them. The certificate covers the "
+              "family w in {0, 1, 2, 4, ...}.", "",
+              "## Integer 3x3 convolution speed (ms, median; 2 threads)", "",
+              "| batch | C x HW | float32 | torch.ao x86 | lowbit compiled | lowbit torch | "
+              "k* max | M·acc+C bits | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["conv_speed"]:
+        ms = r["ms"]
+        lines.append(f"| {r['batch']} | {r['channels']}x{r['hw']} | {ms['float32']:.2f} | "
+                     f"{ms['torch.ao_x86']:.2f} | {ms.get('lowbit_compiled', float('nan')):.2f} | "
+                     f"{ms['lowbit_torch']:.2f} | {r['k_max']} | {r['acc_bits']} | "
+                     f"{r['loadavg']:.1f} |")
+    worst = max(r["loadavg"] for r in out["conv_speed"])
+    if worst > (out["cpus"] or 1):
+        lines += ["", f"Load average up to {worst:.1f} on {out['cpus']} CPUs while timing (other "
+                  "jobs running): these times are not reliable; rerun on a quiet machine."]
+    lines.append("")
     return "\n".join(lines)
 
 

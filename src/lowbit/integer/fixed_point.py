@@ -33,7 +33,13 @@ Minimality. ``(M, C, k, w)`` valid implies ``(2M, 2C, k+1, 2w)`` valid (the same
 same tie test), so feasibility is monotone in ``k`` and the smallest feasible ``k`` is found by
 scanning ``k = 0, 1, ...``; at each ``k`` every window ``w ∈ {0, 1, 2, 4, ..., 2^(k-1)}`` is
 tried. The certificate that ``k* - 1`` is infeasible is, for every such window, the two witness
-pairs: their two constraints alone already leave no integer ``M``.
+pairs: their two constraints alone already leave no integer ``M``. The minimum is over this
+family; a window that is not a power of two occasionally allows one bit less (counted by brute
+force in ``benchmarks/bench_integer.py``).
+
+Only the two ends of each run of inputs with equal exact outputs carry constraints (the bounds
+are constant along a run and ``M·x + C`` is linear), so a wide accumulator range costs
+``O(number of distinct outputs)``, not ``O(range)``.
 """
 
 from __future__ import annotations
