@@ -1,0 +1,460 @@
+"""Quantized backward passes for ``QLinear``/``QConv2d``: low-precision errors and weight
+gradients, with gradient bifurcation.
+
+A product ``y = x W^T + b`` (or a convolution) has three GEMMs: the forward one, the *dgrad*
+GEMM ``dx = e W`` that sends the error ``e = dL/dy`` on to the layer below, and the *wgrad*
+GEMM ``dW = e^T x``. Here each input of each GEMM can be rounded on its own:
+
+==============  ===================================  =======================================
+GEMM            inputs                               rounded by
+==============  ===================================  =======================================
+forward         activation ``x``, weight ``W``       the module's ``act``/``weight`` specs
+                                                     (done before the gemm; not repeated)
+dgrad           error ``e``, weight ``W``            the module's ``grad`` spec (the error
+                                                     sent to the layer below)
+wgrad           error copy ``e'``, activation ``x``  ``wgrad_error``: ``"same"`` (``e'`` is
+                                                     the rounded ``e``), ``None`` (FP32), or
+                                                     its own spec (gradient bifurcation,
+                                                     e.g. a 16-bit copy)
+(output)        weight gradient ``dW``               ``wgrad`` (e.g. e5m2, stochastic)
+==============  ===================================  =======================================
+
+This is the one mechanism behind both full 8-bit training (Banner et al. 2018: 8-bit
+stochastic errors to the layer below, a 16-bit error copy for ``dW``) and FP8 training
+(Mellempudi et al. 2019: e5m2 everywhere, errors and weight gradients stochastically
+rounded). Each layer runs one ``torch.autograd.Function``: one forward product, and a
+backward made of the two backward products only (``torch.ops.aten.convolution_backward``
+for convolutions), never a second forward convolution.
+
+Rounding of a backward tensor (:func:`quantize_backward`), by the spec's format and observer:
+
+* integer formats: symmetric scale ``max|g| / qmax`` per tensor, per ``axis`` index
+  (``granularity="channel"``) or per group of ``group_size`` (``"group"``, integers only);
+* minifloats with ``observer="none"``: unscaled, as with loss scaling; a value beyond the
+  format's max becomes ``±inf`` (never saturates) so that a dynamic loss scaler sees it;
+* minifloats with ``observer="dynamic"``: scaled per tensor (or channel) by the power of two
+  that brings ``max|g|`` within range (today's per-tensor scaled FP8); powers of two keep
+  ``value / scale`` exactly on the format's grid.
+
+A gradient holding inf/NaN is passed on unrounded, so overflow stays visible to the loss
+scaler. Errors are rounded as they arrive, that is while still multiplied by the loss scale
+(unscaling first would push small errors under the format's range). Stochastic rounding
+draws independent per-element bits from the module's ``grad_quant.generator`` (``None``: the
+global generator), in a fixed order per backward call: error, error copy, weight gradient.
+Rounding a value already on the grid returns it unchanged.
+
+Gemms registered here (see :func:`register_qgemm` for new ones):
+
+``"qbackward"``       error rounded by ``grad``, used by both backward GEMMs; FP32 ``dW``
+``"bifurcated"``      plus a separate int16 stochastic error copy for ``dW`` (Banner et al.)
+``"bifurcated-fp32"`` the error copy for ``dW`` left in FP32 (their published code)
+``"fp8"``             the e5m2 error for both backward GEMMs, ``dW`` rounded to e5m2
+                      stochastically, non-saturating (Mellempudi et al.)
+
+The bias gradient is the sum of the wgrad-path error copy, kept in FP32.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from lowbit.nn.modules import register_gemm
+from lowbit.quant.functional import fake_quantize
+from lowbit.quant.spec import QuantSpec, _format_kind
+
+__all__ = [
+    "QuantizedBackward",
+    "GemmRecord",
+    "backward_spec",
+    "quantize_backward",
+    "quantized_linear",
+    "quantized_conv2d",
+    "record_gemm_inputs",
+    "register_qgemm",
+    "list_qgemms",
+    "get_qgemm",
+]
+
+_SAME = "same"
+_TINY = torch.finfo(torch.float32).tiny
+
+
+# ------------------------------------------------------------------------------------ specs
+def backward_spec(value: Any, arg: str = "spec") -> QuantSpec | None:
+    """A validated spec for a backward tensor, or ``None`` (left unrounded).
+
+    A format name gets the gradient defaults: integers scaled from ``max|g|``
+    (``observer="dynamic"``), minifloats unscaled (``observer="none"``), stochastic rounding.
+    A dict is read as QuantSpec fields with those same defaults. Only integer and minifloat
+    formats, and only the stateless observers ``"dynamic"``/``"none"``, are accepted.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        spec = QuantSpec.parse(value)
+        kind = _format_kind(spec.format)
+        spec = QuantSpec.parse(spec, observer="dynamic" if kind == "int" else "none",
+                               rounding="stochastic")
+    elif isinstance(value, Mapping):
+        fields = dict(value)
+        if "fmt" not in fields:
+            raise ValueError(f"{arg}: a dict spec needs a 'fmt' key, got keys {sorted(fields)}")
+        kind = _format_kind(QuantSpec.parse(fields["fmt"]).format)
+        fields.setdefault("observer", "dynamic" if kind == "int" else "none")
+        fields.setdefault("rounding", "stochastic")
+        spec = QuantSpec(**fields)
+    elif isinstance(value, QuantSpec):
+        spec = value
+    else:
+        raise TypeError(
+            f"{arg} must be a format name, a dict of QuantSpec fields, a QuantSpec or None, "
+            f"got {type(value).__name__}"
+        )
+    kind = _format_kind(spec.format)
+    if kind not in ("int", "float"):
+        raise ValueError(
+            f"{arg}: format {spec.format_name!r} cannot round a gradient; choose an integer "
+            "format (int8, int16, ...) or a minifloat (e5m2, e4m3, fp16, bf16, ...)"
+        )
+    if spec.observer not in ("dynamic", "none"):
+        raise ValueError(
+            f"{arg}: gradients take their scale from themselves; observer must be 'dynamic' or "
+            f"'none', got {spec.observer!r}"
+        )
+    if spec.granularity != "tensor" and spec.axis is None:
+        raise ValueError(f"{arg}: granularity={spec.granularity!r} needs an explicit axis")
+    if kind == "float" and spec.granularity == "group":
+        raise ValueError(f"{arg}: minifloat gradients are scaled per 'tensor' or 'channel'")
+    if kind == "float" and spec.observer == "none" and spec.granularity != "tensor":
+        raise ValueError(f"{arg}: an unscaled minifloat (observer='none') has no granularity")
+    return spec
+
+
+def _pow2_scale(amax: Tensor, fmt: Any) -> Tensor:
+    """The smallest power of two s with amax / s <= fmt.max (at least the tiniest normal)."""
+    ratio = (amax.double() / float(fmt.max)).clamp_min(_TINY)
+    _, e = torch.frexp(ratio)  # ratio = m * 2**e with 0.5 <= m < 1
+    s = torch.ldexp(torch.ones_like(ratio), e.to(ratio.dtype))
+    s = torch.where(s / 2 >= ratio, s / 2, s)  # ratio an exact power of two
+    return s.clamp_min(_TINY).float()
+
+
+def quantize_backward(g: Tensor, spec: QuantSpec | None,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Round one backward tensor (an error or a weight gradient) as ``spec`` says.
+
+    See the module docstring for the rules; ``spec=None`` (or a disabled spec) returns ``g``.
+    A tensor holding inf/NaN is returned unchanged (integer and scaled formats) or with its
+    non-finite values kept (unscaled minifloats), so a loss scaler sees the overflow.
+    """
+    if spec is None or not spec.enabled:
+        return g
+    fmt = spec.format
+    axis = spec.axis if spec.granularity != "tensor" else None
+    if _format_kind(fmt) == "float" and spec.observer == "none":
+        return fake_quantize(g, fmt, rounding=spec.rounding, generator=generator, saturate=False)
+    if not bool(torch.isfinite(g).all()):
+        return g
+    if _format_kind(fmt) == "int":
+        return fake_quantize(g, fmt, axis=axis, group_size=spec.group_size,
+                             rounding=spec.rounding, generator=generator)
+    # scaled minifloat: a power-of-two scale per tensor or per channel
+    if axis is None:
+        amax = g.detach().abs().amax()
+    else:
+        dims = [d for d in range(g.dim()) if d != axis % g.dim()]
+        amax = g.detach().abs().amax(dim=dims)
+    scale = _pow2_scale(amax, fmt)
+    return fake_quantize(g, fmt, scale=scale, axis=axis, rounding=spec.rounding,
+                         generator=generator, saturate=True)
+
+
+@dataclass(frozen=True)
+class QuantizedBackward:
+    """How the backward GEMMs of a layer round their inputs (beside the error spec).
+
+    Args:
+        wgrad_error: the error copy that computes the weight gradient: ``"same"`` (the error
+            as rounded for the layer below), ``None`` (the error as received, FP32) or a spec
+            (format name, dict or QuantSpec; see :func:`backward_spec`) for a separate copy
+            (gradient bifurcation: ``"int16"``, ``"fp16"``, ...).
+        wgrad: spec for the weight gradient the wgrad GEMM produces, or ``None`` (FP32).
+    """
+
+    wgrad_error: Any = _SAME
+    wgrad: Any = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.wgrad_error, str) and self.wgrad_error == _SAME):
+            object.__setattr__(self, "wgrad_error", backward_spec(self.wgrad_error, "wgrad_error"))
+        object.__setattr__(self, "wgrad", backward_spec(self.wgrad, "wgrad"))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def describe(self) -> str:
+        def d(s: Any) -> str:
+            if s is None:
+                return "fp32"
+            return s if isinstance(s, str) else s.describe()
+
+        return f"wgrad_error={d(self.wgrad_error)}, wgrad={d(self.wgrad)}"
+
+
+# ---------------------------------------------------------------------------- the recorder
+@dataclass(frozen=True)
+class GemmRecord:
+    """The inputs of one GEMM, as captured by :func:`record_gemm_inputs`.
+
+    ``stage`` is ``"forward"`` (``a`` = activation, ``b`` = weight), ``"dgrad"`` (``a`` =
+    error sent below, ``b`` = weight), ``"wgrad"`` (``a`` = error copy, ``b`` = activation) or
+    ``"weight_grad"`` (``a`` = the rounded weight gradient, ``b`` = None). ``tag`` is the
+    module given to the gemm (or None for the functional forms).
+    """
+
+    stage: str
+    a: Tensor
+    b: Tensor | None
+    tag: Any = None
+
+
+_local = threading.local()
+
+
+def _recorders() -> list[list[GemmRecord]]:
+    rec = getattr(_local, "recorders", None)
+    if rec is None:
+        rec = _local.recorders = []
+    return rec
+
+
+def _record(stage: str, a: Tensor, b: Tensor | None, tag: Any) -> None:
+    recs = getattr(_local, "recorders", None)
+    if recs:
+        r = GemmRecord(stage, a.detach().clone(), None if b is None else b.detach().clone(), tag)
+        for lst in recs:
+            lst.append(r)
+
+
+@contextmanager
+def record_gemm_inputs() -> Iterator[list[GemmRecord]]:
+    """Collect a :class:`GemmRecord` for every GEMM run by the quantized-backward functions in
+    this thread (forward and backward) while the block runs. For tests and inspection."""
+    lst: list[GemmRecord] = []
+    _recorders().append(lst)
+    try:
+        yield lst
+    finally:
+        _recorders().remove(lst)
+
+
+# ------------------------------------------------------------------------- autograd funcs
+@dataclass(frozen=True)
+class _Plan:
+    error: QuantSpec | None
+    wgrad_error: Any
+    wgrad: QuantSpec | None
+    generator: torch.Generator | None
+    tag: Any
+
+    def errors(self, g: Tensor, need_dgrad: bool, need_wgrad: bool) -> tuple[Tensor, Tensor]:
+        """(error for dgrad, error copy for wgrad), drawn in that order."""
+        same = isinstance(self.wgrad_error, str)
+        e = g
+        if need_dgrad or (need_wgrad and same):
+            e = quantize_backward(g, self.error, self.generator)
+        if not need_wgrad:
+            return e, g
+        ew = e if same else quantize_backward(g, self.wgrad_error, self.generator)
+        return e, ew
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, plan):  # noqa: D102
+        _record("forward", x, w, plan.tag)
+        ctx.save_for_backward(x, w)
+        ctx.plan = plan
+        return F.linear(x, w, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        x, w = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        e, ew = plan.errors(g, need_x, need_w or need_b)
+        gx = gw = gb = None
+        if need_x:
+            _record("dgrad", e, w, plan.tag)
+            gx = e.matmul(w)
+        if need_w or need_b:
+            ew2 = ew.reshape(-1, ew.shape[-1])
+            if need_w:
+                x2 = x.reshape(-1, x.shape[-1])
+                _record("wgrad", ew2, x2, plan.tag)
+                gw = quantize_backward(ew2.t().mm(x2), plan.wgrad, plan.generator)
+                _record("weight_grad", gw, None, plan.tag)
+            if need_b:
+                gb = ew2.sum(0)
+        return gx, gw, gb, None
+
+
+class _Conv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, plan, stride, padding, dilation, groups):  # noqa: D102
+        _record("forward", x, w, plan.tag)
+        ctx.save_for_backward(x, w)
+        ctx.plan = plan
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = b is not None
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        x, w = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        e, ew = plan.errors(g, need_x, need_w or need_b)
+        bwd = torch.ops.aten.convolution_backward
+        gx = gw = gb = None
+        if need_x:
+            _record("dgrad", e, w, plan.tag)
+            gx = bwd(e, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                     [True, False, False])[0]
+        if need_w or need_b:
+            if need_w:
+                _record("wgrad", ew, x, plan.tag)
+            bias_sizes = [w.shape[0]] if need_b else None
+            _, gw, gb = bwd(ew, x, w, bias_sizes, stride, padding, dilation, False, [0, 0],
+                            groups, [False, need_w, need_b])
+            if need_w:
+                gw = quantize_backward(gw, plan.wgrad, plan.generator)
+                _record("weight_grad", gw, None, plan.tag)
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _plan(error: Any, backward: QuantizedBackward, generator: torch.Generator | None,
+          tag: Any) -> _Plan:
+    if not isinstance(backward, QuantizedBackward):
+        raise TypeError(f"backward must be a QuantizedBackward, got {type(backward).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+    return _Plan(backward_spec(error, "error"), backward.wgrad_error, backward.wgrad, generator, tag)
+
+
+def _pair(v: Any, name: str) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def quantized_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                     error: Any = None, backward: QuantizedBackward | None = None,
+                     generator: torch.Generator | None = None, _tag: Any = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` whose backward rounds the error with ``error`` (a spec,
+    see :func:`backward_spec`) and the weight-gradient path as ``backward`` says.
+
+    ``x`` and ``weight`` are used as given (round them beforehand for a quantized forward).
+    """
+    plan = _plan(error, backward or QuantizedBackward(), generator, _tag)
+    return _LinearFn.apply(x, weight, bias, plan)
+
+
+def quantized_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1,
+                     padding: Any = 0, dilation: Any = 1, groups: int = 1, *,
+                     error: Any = None, backward: QuantizedBackward | None = None,
+                     generator: torch.Generator | None = None, _tag: Any = None) -> Tensor:
+    """``F.conv2d`` (integer padding) with the quantized backward of
+    :func:`quantized_linear`. The backward computes the input and weight gradients with
+    ``torch.ops.aten.convolution_backward``; no forward convolution is repeated."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    plan = _plan(error, backward or QuantizedBackward(), generator, _tag)
+    return _Conv2dFn.apply(x, weight, bias, plan, list(_pair(stride, "stride")),
+                           list(_pair(padding, "padding")), list(_pair(dilation, "dilation")),
+                           groups)
+
+
+# ------------------------------------------------------------------------------ the gemms
+_QGEMMS: dict[str, QuantizedBackward] = {}
+
+
+def _module_error(module: nn.Module) -> tuple[QuantSpec | None, torch.Generator | None]:
+    gq = getattr(module, "grad_quant", None)
+    if gq is None:
+        return None, None
+    return (gq.spec if gq.spec.enabled else None), gq.generator
+
+
+def _make_gemm(cfg: QuantizedBackward):
+    def gemm(module: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+        error, generator = _module_error(module)
+        if isinstance(module, nn.Conv2d):
+            padding: Any = module.padding
+            if module.padding_mode != "zeros" or isinstance(padding, str):
+                if padding != "valid":
+                    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+                padding = 0
+            return quantized_conv2d(x, w, module.bias, module.stride, padding, module.dilation,
+                                    module.groups, error=error, backward=cfg,
+                                    generator=generator, _tag=module)
+        if isinstance(module, nn.Linear):
+            return quantized_linear(x, w, module.bias, error=error, backward=cfg,
+                                    generator=generator, _tag=module)
+        raise TypeError(
+            f"the quantized-backward gemms serve Linear and Conv2d modules, got "
+            f"{type(module).__name__}"
+        )
+
+    return gemm
+
+
+def register_qgemm(name: str, backward: QuantizedBackward | None = None, *,
+                   wgrad_error: Any = _SAME, wgrad: Any = None,
+                   overwrite: bool = False) -> QuantizedBackward:
+    """Register a quantized-backward gemm under ``name`` (usable as ``QuantScheme(gemm=name)``).
+
+    Pass a :class:`QuantizedBackward`, or its fields ``wgrad_error`` and ``wgrad``. The error
+    sent to the layer below is rounded by each module's own ``grad`` spec.
+    """
+    if backward is None:
+        backward = QuantizedBackward(wgrad_error=wgrad_error, wgrad=wgrad)
+    elif not isinstance(backward, QuantizedBackward):
+        raise TypeError(f"backward must be a QuantizedBackward, got {type(backward).__name__}")
+    register_gemm(name, _make_gemm(backward), overwrite=overwrite)
+    _QGEMMS[name] = backward
+    return backward
+
+
+def list_qgemms() -> list[str]:
+    """Names of the registered quantized-backward gemms."""
+    return sorted(_QGEMMS)
+
+
+def get_qgemm(name: str) -> QuantizedBackward:
+    """The configuration behind a quantized-backward gemm name."""
+    if name not in _QGEMMS:
+        raise ValueError(f"gemm={name!r} is not a quantized-backward gemm; choose one of "
+                         f"{', '.join(map(repr, list_qgemms()))}")
+    return _QGEMMS[name]
+
+
+register_qgemm("qbackward", wgrad_error=_SAME)
+register_qgemm("bifurcated", wgrad_error="int16")
+register_qgemm("bifurcated-fp32", wgrad_error=None)
+register_qgemm("fp8", wgrad_error=_SAME, wgrad="e5m2")
