@@ -48,6 +48,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.nn.modules import QConv2d, QLinear, _check_gemm
+from lowbit.nn.qlstm import QLSTM
 from lowbit.quant.spec import QuantSpec, _choices_error, _format_kind
 
 __all__ = [
@@ -205,7 +206,8 @@ _builtin("fp8", "e5m2", "e5m2", "e5m2", first_last="fp32")
 _builtin("fp8-hybrid", QuantSpec("e4m3", observer="dynamic"),
          QuantSpec("e4m3", observer="dynamic"), "e5m2", first_last="fp32")
 
-_SWAPPABLE = {nn.Linear: QLinear, nn.Conv2d: QConv2d}
+_SWAPPABLE = {nn.Linear: QLinear, nn.Conv2d: QConv2d, nn.LSTM: QLSTM}
+_EDGE_TYPES = (nn.Linear, nn.Conv2d)  # what the first/last rule looks at
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -218,13 +220,14 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
             overrides: Mapping[str, str | QuantScheme | None] | None = None,
             inplace: bool = False, skip_first_last: bool = True,
             first_last: str | None = None) -> nn.Module:
-    """Swap the ``nn.Linear``/``nn.Conv2d`` modules of ``model`` for QLinear/QConv2d.
+    """Swap the ``nn.Linear``/``nn.Conv2d``/``nn.LSTM`` modules of ``model`` for
+    QLinear/QConv2d/:class:`~lowbit.nn.qlstm.QLSTM`.
 
-    Only modules whose type is exactly ``nn.Linear`` or ``nn.Conv2d`` are swapped; everything
-    else (BatchNorm, activations, subclasses such as attention projections, modules already
-    quantized) is left as it is. Parameters are shared with the original modules (the same
-    ``Parameter`` objects), so with ``inplace=True`` an optimizer built before the
-    conversion keeps working. No global state is touched.
+    Only modules whose type is exactly ``nn.Linear``, ``nn.Conv2d`` or ``nn.LSTM`` are
+    swapped; everything else (BatchNorm, activations, subclasses such as attention
+    projections, modules already quantized) is left as it is. Parameters are shared with the
+    original modules (the same ``Parameter`` objects), so with ``inplace=True`` an optimizer
+    built before the conversion keeps working. No global state is touched.
 
     Args:
         model: the float model.
@@ -235,8 +238,9 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
             in float. When several patterns match a module the last one wins; overrides win
             over the first/last rule. A pattern that matches no module is an error.
         inplace: edit ``model`` instead of a deep copy.
-        skip_first_last: apply the first/last rule (the first and last swappable modules, in
-            registration order, get ``first_last`` precision instead of the scheme's).
+        skip_first_last: apply the first/last rule (the first and last Linear/Conv2d modules,
+            in registration order, get ``first_last`` precision instead of the scheme's;
+            LSTMs always get the scheme).
             ``False`` is the same as ``first_last="same"``.
         first_last: ``"int8"`` (= ``"w8a8"``), ``"same"``, ``"fp32"`` or a scheme name;
             ``None`` takes the scheme's own default (``w8a8`` for low-bit integer schemes,
@@ -279,8 +283,9 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
         model = copy.deepcopy(model)
     candidates = [(n, m) for n, m in model.named_modules() if type(m) in _SWAPPABLE]
     edge_names: set[str] = set()
-    if fl_scheme is not None and not main.is_float and candidates:
-        edge_names = {candidates[0][0], candidates[-1][0]}
+    edges = [n for n, m in candidates if type(m) in _EDGE_TYPES]
+    if fl_scheme is not None and not main.is_float and edges:
+        edge_names = {edges[0], edges[-1]}
 
     for name, mod in candidates:
         chosen = fl_scheme if name in edge_names else main
