@@ -28,7 +28,12 @@ def one_thread():
 def digits_run(tmp_path_factory):
     """A 2-epoch FP32 digits run, shared by the eval/resume/error tests."""
     out = tmp_path_factory.mktemp("digits")
-    assert main(["train", "digits", *FAST, "--out", str(out)]) == 0
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: set up before the function-scoped one_thread
+    try:
+        assert main(["train", "digits", *FAST, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
     return out
 
 
