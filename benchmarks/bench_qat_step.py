@@ -142,6 +142,9 @@ def run(batch: int, threads: int, repeats: int, warmup: int, schemes: list[str],
             "q3_ms": q[2] * 1e3,
             "ratio_median": statistics.median(ts) / fp32_med,
             "ratio_min": min(ts) / fp32_min,
+            # each round times every config back to back: the median of the per-round
+            # ratios pairs measurements taken under the same background load
+            "ratio_paired": statistics.median(t / f for t, f in zip(ts, times["fp32"])),
         })
     return {
         "benchmark": "qat_step",
@@ -175,21 +178,23 @@ def markdown(res: dict) -> str:
         f"load average {res['load_average_before'][0]:.1f} -> "
         f"{res['load_average_after'][0]:.1f})",
         "",
-        "| config | median ms | min ms | IQR ms | x FP32 (median) | x FP32 (min) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| config | median ms | min ms | IQR ms | x FP32 (median) | x FP32 (min) "
+        "| x FP32 (paired) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["results"]:
         lines.append(
             f"| {r['config']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
             f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f} | {r['ratio_median']:.3f} | "
-            f"{r['ratio_min']:.3f} |"
+            f"{r['ratio_min']:.3f} | {r['ratio_paired']:.3f} |"
         )
     w8 = next((r for r in res["results"] if r["config"] == "w8a8"), None)
     if w8 is not None:
-        verdict = "meets" if w8["ratio_median"] <= GOAL else "misses"
-        lines += ["", f"W8A8 / FP32 = {w8['ratio_median']:.3f} (median), "
-                      f"{w8['ratio_min']:.3f} (min): {verdict} the goal of at most {GOAL}x "
-                      "(judged on the median)."]
+        verdict = "meets" if w8["ratio_paired"] <= GOAL else "misses"
+        lines += ["", f"W8A8 / FP32 = {w8['ratio_paired']:.3f} (paired median), "
+                      f"{w8['ratio_median']:.3f} (ratio of medians), {w8['ratio_min']:.3f} "
+                      f"(ratio of minima): {verdict} the goal of at most {GOAL}x (judged on "
+                      "the paired median)."]
     return "\n".join(lines) + "\n"
 
 

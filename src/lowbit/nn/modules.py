@@ -127,8 +127,12 @@ class Quantizer(nn.Module):
 
     def _refresh(self) -> None:
         scale, zp = self.observer.compute_qparams(self.fmt, symmetric=self.spec.symmetric)
-        self.scale = scale
-        self.zero_point = zp
+        if self.scale.shape == scale.shape:  # in place: buffer identity matters (e.g. DDP)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
+        else:  # per-channel buffers sized by the first batch
+            self.scale = scale
+            self.zero_point = zp
 
     def refresh(self) -> None:
         """Recompute ``scale``/``zero_point`` from the observer (after updating it by hand)."""
