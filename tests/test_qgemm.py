@@ -195,6 +195,18 @@ def test_per_chunk_error_ranges():
         assert codes.abs().max() == 127  # each chunk uses its full range
 
 
+@pytest.mark.parametrize("layout", [{}, {"granularity": "channel", "axis": 1},
+                                    {"granularity": "group", "axis": -1, "group_size": 5}])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int16"])
+def test_integer_backward_rounding_is_fake_quantize(fmt, layout):
+    g = torch.randn(6, 7, 11, generator=torch.Generator().manual_seed(20))
+    spec = QuantSpec(fmt, rounding="stochastic", **layout)
+    got = quantize_backward(g, backward_spec(spec), torch.Generator().manual_seed(21))
+    want = fake_quantize(g, fmt, axis=layout.get("axis"), group_size=layout.get("group_size"),
+                         rounding="stochastic", generator=torch.Generator().manual_seed(21))
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------- FP8: representability, SQNR
 def test_fp8_every_gemm_input_is_e5m2():
     torch.manual_seed(7)
@@ -419,6 +431,8 @@ def test_registry_and_validation():
         register_qgemm("fp8", wgrad="e4m3")
     with pytest.raises(ValueError, match="cannot round a gradient"):
         backward_spec("binary")
+    with pytest.raises(ValueError, match="gradients are signed"):
+        backward_spec("uint8")
     with pytest.raises(ValueError, match="observer must be"):
         QuantizedBackward(wgrad=QuantSpec("int8", observer="ema"))
     with pytest.raises(ValueError, match="explicit axis"):

@@ -28,7 +28,7 @@ for convolutions), never a second forward convolution.
 
 Rounding of a backward tensor (:func:`quantize_backward`), by the spec's format and observer:
 
-* integer formats: symmetric scale ``max|g| / qmax`` per tensor, per ``axis`` index
+* signed integer formats: symmetric scale ``max|g| / qmax`` per tensor, per ``axis`` index
   (``granularity="channel"``) or per group of ``group_size`` (``"group"``, integers only);
 * minifloats with ``observer="none"``: unscaled, as with loss scaling; a value beyond the
   format's max becomes ``±inf`` (never saturates) so that a dynamic loss scaler sees it;
@@ -125,6 +125,9 @@ def backward_spec(value: Any, arg: str = "spec") -> QuantSpec | None:
             f"{arg}: format {spec.format_name!r} cannot round a gradient; choose an integer "
             "format (int8, int16, ...) or a minifloat (e5m2, e4m3, fp16, bf16, ...)"
         )
+    if kind == "int" and not spec.format.signed:
+        raise ValueError(f"{arg}: gradients are signed; use int{spec.format.bits}, not "
+                         f"{spec.format_name!r}")
     if spec.observer not in ("dynamic", "none"):
         raise ValueError(
             f"{arg}: gradients take their scale from themselves; observer must be 'dynamic' or "
@@ -154,28 +157,37 @@ def quantize_backward(g: Tensor, spec: QuantSpec | None,
 
     See the module docstring for the rules; ``spec=None`` (or a disabled spec) returns ``g``.
     A tensor holding inf/NaN is returned unchanged (integer and scaled formats) or with its
-    non-finite values kept (unscaled minifloats), so a loss scaler sees the overflow.
+    non-finite values kept (unscaled minifloats), so a loss scaler sees the overflow. Integer
+    results equal ``fake_quantize(g, fmt, axis=..., rounding=..., generator=...)`` bit for bit.
     """
     if spec is None or not spec.enabled:
         return g
     fmt = spec.format
-    axis = spec.axis if spec.granularity != "tensor" else None
-    if _format_kind(fmt) == "float" and spec.observer == "none":
+    kind = _format_kind(fmt)
+    if kind == "float" and spec.observer == "none":
         return fake_quantize(g, fmt, rounding=spec.rounding, generator=generator, saturate=False)
-    if not bool(torch.isfinite(g).all()):
-        return g
-    if _format_kind(fmt) == "int":
-        return fake_quantize(g, fmt, axis=axis, group_size=spec.group_size,
+    gd = g.detach()
+    if spec.granularity == "group":  # integers only (checked by backward_spec)
+        if not bool(torch.isfinite(gd).all()):
+            return g
+        return fake_quantize(g, fmt, axis=spec.axis, group_size=spec.group_size,
                              rounding=spec.rounding, generator=generator)
-    # scaled minifloat: a power-of-two scale per tensor or per channel
-    if axis is None:
-        amax = g.detach().abs().amax()
+    # one pass for the range, which also reveals inf/NaN (both propagate through max)
+    axis = None
+    if spec.granularity == "tensor":
+        lo, hi = torch.aminmax(gd)
+        amax = torch.maximum(-lo, hi)
     else:
-        dims = [d for d in range(g.dim()) if d != axis % g.dim()]
-        amax = g.detach().abs().amax(dim=dims)
-    scale = _pow2_scale(amax, fmt)
-    return fake_quantize(g, fmt, scale=scale, axis=axis, rounding=spec.rounding,
-                         generator=generator, saturate=True)
+        axis = spec.axis % g.dim()
+        amax = gd.abs().amax(dim=[d for d in range(g.dim()) if d != axis])
+    if not bool(torch.isfinite(amax).all()):
+        return g
+    if kind == "int":  # symmetric, as choose_qparams
+        scale = (amax.to(torch.float32) / fmt.qmax).clamp_min(_TINY)
+        return fake_quantize(g, fmt, scale=scale, axis=axis, rounding=spec.rounding,
+                             generator=generator)
+    return fake_quantize(g, fmt, scale=_pow2_scale(amax, fmt), axis=axis,
+                         rounding=spec.rounding, generator=generator, saturate=True)
 
 
 @dataclass(frozen=True)
