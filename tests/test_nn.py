@@ -324,3 +324,25 @@ def test_converted_model_deepcopies_and_pickles(tmp_path):
     torch.save(model, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_bad_input_is_reported_at_the_boundary():
+    with pytest.raises(TypeError, match="floating-point"):
+        Quantizer(QuantSpec("uint8", observer="ema"))(torch.arange(6))
+    with pytest.raises(TypeError, match="floating-point"):
+        Quantizer(QuantSpec("int8", granularity="channel"), axis=0)(torch.ones(2, 2,
+                                                                              dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs an axis"):
+        Quantizer(QuantSpec("int8", granularity="channel"))
+    with pytest.raises(ValueError, match="axis=2 does not exist"):
+        Quantizer(QuantSpec("int8", granularity="channel", axis=2))(torch.randn(3, 3))
+    with pytest.raises(TypeError, match="needs a spec"):
+        Quantizer(None)
+    with pytest.raises(ValueError, match="bits must be in 2..16"):
+        QLinear(3, 2, weight="int99")
+    with pytest.raises(ValueError, match="unknown format"):
+        QConv2d(3, 2, 1, act="float8")
+    with pytest.raises(ValueError, match="'tensor' or 'channel'"):
+        GradQuantizer(QuantSpec("int8", granularity="group", group_size=4, axis=0))
+    with pytest.raises(ValueError, match="granularity='channel' for gradients needs"):
+        GradQuantizer(QuantSpec("int8", granularity="channel"))

@@ -210,6 +210,8 @@ class Quantizer(nn.Module):
         if s.group_size is not None:
             parts.append(f"group_size={s.group_size}")
         parts.append(f"observer={s.observer}")
+        if self.observer is not None and s.train_range != "running":
+            parts.append(f"train_range={s.train_range}")
         if s.rounding != "nearest":
             parts.append(f"rounding={s.rounding}")
         if not s.enabled:
