@@ -516,3 +516,18 @@ def test_resume_with_more_epochs_stretches_the_schedule(tmp_path):
     # epochs 1-2 ran on a 2-epoch cosine; epochs 3-4 follow the new 4-epoch cosine
     assert lrs[:2] == pytest.approx([0.1, 0.05])
     assert lrs[2:] == pytest.approx([0.05, 0.1 * 0.5 * (1 + math.cos(math.pi * 3 / 4))])
+
+
+def test_fp16_master_weights_resume_exactly(tmp_path):
+    """optim.master_dtype=fp16: weights stay on the fp16 grid; resume is still bit-exact."""
+    pytest.importorskip("lowbit.train.master_weights")
+    over = {"optim.master_dtype": "fp16", "epochs": 3}
+    full = run_toy(toy_cfg(tmp_path / "full", **over))
+    for name, p in full.model.named_parameters():
+        assert torch.equal(p, p.half().float()), name
+    with pytest.raises(KeyboardInterrupt):
+        run_toy(toy_cfg(tmp_path / "cut", **over),
+                callbacks=[StopAt(len(toy_task().train_loader) + 2)])
+    resumed = train(resume=tmp_path / "cut", model=toy_model(), task=toy_task(), log=None)
+    assert_same_state(full.model.state_dict(), resumed.model.state_dict())
+    assert full.final["val_top1"] > 80

@@ -391,6 +391,11 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], epochs=cfg["epochs"],
                                          steps_per_epoch=self.steps_per_epoch, base_lr=o["lr"])
+        if o["master_dtype"] != "fp32":  # 16-bit master weights (the FP8 training recipe)
+            from .master_weights import MasterWeights
+
+            self.optimizer = MasterWeights(self.optimizer, o["master_dtype"],
+                                           rounding=o["master_rounding"], seed=cfg["seed"])
         self.loss_fn = build_loss(cfg["loss"]["name"],
                                   label_smoothing=cfg["loss"]["label_smoothing"])
         if self.task.kind == "lm" and cfg["loss"]["name"] != "cross_entropy":
