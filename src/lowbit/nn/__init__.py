@@ -5,6 +5,8 @@
 * :func:`convert` -- swap the layers of a model by scheme name, with per-layer overrides
   (:mod:`lowbit.nn.convert`);
 * :func:`summary` -- per-layer formats and memory (:mod:`lowbit.nn.summary`);
+* quantized backward GEMMs (8-bit/FP8 errors, gradient bifurcation) selected by a scheme's
+  ``gemm`` (:mod:`lowbit.nn.qgemm`);
 * BatchNorm variants: Range/L1/L-inf BN (:mod:`lowbit.nn.batchnorm`), shift-based BN
   (:mod:`lowbit.nn.shift_bn`), bounded weight normalisation (:mod:`lowbit.nn.weight_norm`);
 * packed binary inference layers (:mod:`lowbit.nn.binary`).
@@ -43,6 +45,14 @@ from .modules import (
     register_gemm,
     set_calibrating,
 )
+from .qgemm import (
+    QuantizedBackward,
+    list_qgemms,
+    quantized_conv2d,
+    quantized_linear,
+    record_gemm_inputs,
+    register_qgemm,
+)
 from .shift_bn import ShiftBatchNorm1d, ShiftBatchNorm2d
 from .summary import summary
 from .weight_norm import (
@@ -52,6 +62,12 @@ from .weight_norm import (
 )
 
 __all__ = [
+    "QuantizedBackward",
+    "register_qgemm",
+    "list_qgemms",
+    "quantized_linear",
+    "quantized_conv2d",
+    "record_gemm_inputs",
     "QLinear",
     "QConv2d",
     "Quantizer",

@@ -8,7 +8,8 @@ name          weights             activations         gradients              fir
 ============  ==================  ==================  =====================  ==========
 fp32          -                   -                   -                      -
 w8a8          int8 per channel    uint8 batch / EMA   -                      same
-w8a8g8        int8 per channel    uint8 batch / EMA   int8, stochastic       same
+w8a8g8        int8 per channel    uint8 batch / EMA   int8, stochastic (*)   same
+w4a4g8        int4 per channel    uint4 batch / EMA   int8, stochastic (*)   w8a8g8
 w4a8          int4 per channel    uint8 batch / EMA   -                      w8a8
 w4a4          int4 per channel    uint4 batch / EMA   -                      w8a8
 w3a3          int3 per channel    uint3 batch / EMA   -                      w8a8
@@ -19,9 +20,9 @@ w1a2g6        binary (+-1)        uint2 batch / EMA   int6, stochastic       w8a
 w1a1          binary (+-1)        binary (+-1)        -                      w8a8
 w1a1g6        binary (+-1)        binary (+-1)        int6, stochastic       w8a8
 w1a8, w2a8    binary / int2       uint8 batch / EMA   -                      same
-fp8           e5m2                e5m2                e5m2, stochastic       fp32
-fp8-hybrid    e4m3 per-tensor     e4m3 per-tensor     e5m2, stochastic       fp32
-              scaled (current)    scaled (current)
+fp8           e5m2                e5m2                e5m2, stochastic (+)   fp32
+fp8-hybrid    e4m3 per-tensor     e4m3 per-tensor     e5m2 per-tensor        fp32
+              scaled (current)    scaled (current)    scaled, stochastic
 ============  ==================  ==================  =====================  ==========
 
 Integer weight scales come from the current max |w| of each output channel (symmetric).
@@ -33,7 +34,12 @@ The ``g6`` schemes add the QNN paper's 6-bit gradients; ``w1a8``/``w2a8`` are th
 first layer (low-bit weights, 8-bit fixed-point inputs), meant for ``overrides``.
 ``fp8`` follows the FP8 training paper (1-5-2 everywhere, no per-tensor scaling; loss scaling
 is the trainer's job); ``fp8-hybrid`` is today's recipe (e4m3 forward with per-tensor scales
-from the current max |x|, e5m2 backward).
+from the current max |x|, e5m2 backward with power-of-two per-tensor scales).
+The 8-bit-training and FP8 schemes use the quantized backward GEMMs of :mod:`lowbit.nn.qgemm`
+(``gemm`` field): (*) gradient bifurcation, the error reaching the layer below is int8 while
+the weight gradient is computed from an int16 stochastic copy (Banner et al.); (+) the
+weight gradient is rounded to e5m2 too, stochastically, and overflow becomes inf (never
+saturates) so the loss scaler skips the step.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Any
 
 from torch import nn
 
+from lowbit.nn import qgemm as _qgemm  # noqa: F401  (registers the quantized-backward gemms)
 from lowbit.nn.modules import QConv2d, QLinear, _check_gemm
 from lowbit.nn.qlstm import QLSTM
 from lowbit.quant.spec import QuantSpec, _choices_error, _format_kind
@@ -190,7 +197,8 @@ def _builtin(name: str, weight: Any, act: Any, grad: Any = None, first_last: str
 
 _builtin("fp32", None, None, first_last="same")
 _builtin("w8a8", "int8", "uint8", first_last="same")
-_builtin("w8a8g8", "int8", "uint8", "int8", first_last="same")
+_builtin("w8a8g8", "int8", "uint8", "int8", first_last="same", gemm="bifurcated")
+_builtin("w4a4g8", "int4", "uint4", "int8", first_last="w8a8g8", gemm="bifurcated")
 _builtin("w4a8", "int4", "uint8")
 _builtin("w4a4", "int4", "uint4")
 _builtin("w3a3", "int3", "uint3")
@@ -202,9 +210,11 @@ _builtin("w1a1", "binary", "binary")
 _builtin("w1a1g6", "binary", "binary", "int6")
 _builtin("w1a8", "binary", "uint8", first_last="same")
 _builtin("w2a8", "int2", "uint8", first_last="same")
-_builtin("fp8", "e5m2", "e5m2", "e5m2", first_last="fp32")
+_builtin("fp8", "e5m2", "e5m2", "e5m2", first_last="fp32", gemm="fp8")
 _builtin("fp8-hybrid", QuantSpec("e4m3", observer="dynamic"),
-         QuantSpec("e4m3", observer="dynamic"), "e5m2", first_last="fp32")
+         QuantSpec("e4m3", observer="dynamic"),
+         QuantSpec("e5m2", observer="dynamic", rounding="stochastic"), first_last="fp32",
+         gemm="qbackward")
 
 _SWAPPABLE = {nn.Linear: QLinear, nn.Conv2d: QConv2d, nn.LSTM: QLSTM}
 _EDGE_TYPES = (nn.Linear, nn.Conv2d)  # what the first/last rule looks at
