@@ -318,17 +318,23 @@ def test_running_stats_streams_exact_moments():
     whole = torch.cat(batches)
     ref = Stats.from_tensor(whole, axis=1)
     ch = acc.per_channel()
+    # float32 per batch, float64 across batches: agreement to float32 precision
     for f in ("mean", "std", "min", "max", "pos_frac", "pos_b", "pos_sigma"):
-        assert torch.allclose(getattr(ch, f), getattr(ref, f), rtol=1e-9, atol=1e-12), f
+        assert torch.allclose(getattr(ch, f), getattr(ref, f), rtol=1e-6, atol=1e-6), f
     # b is the paper's batch average of mean |x - batch mean|
     per_batch = torch.stack([Stats.from_tensor(b, axis=1).b for b in batches])
     assert torch.allclose(ch.b, per_batch.mean(0))
     t = acc.per_tensor()
     ref_t = Stats.from_tensor(whole)
     for f in ("mean", "std", "min", "max", "pos_frac", "pos_b", "pos_sigma"):
-        assert torch.allclose(getattr(t, f), getattr(ref_t, f), rtol=1e-9, atol=1e-12), f
+        assert torch.allclose(getattr(t, f), getattr(ref_t, f), rtol=1e-6, atol=1e-6), f
     assert ch.sample.shape == (3, 64) and t.sample.shape == (1, 192)
     assert ch.count == 8 * 4 * 25
+    # the per-tensor b comes from the sample (about the exact mean): a statistical estimate
+    big = RunningStats(axis=1, max_samples=4000)
+    for b in batches:
+        big.update(b)
+    assert float(big.per_tensor().b[0]) == pytest.approx(float(ref_t.b[0]), rel=0.05)
     with pytest.raises(ValueError, match="channel count"):
         acc.update(torch.randn(2, 4, 5, 5))
 
@@ -688,7 +694,7 @@ def test_calibrate_collects_layer_inputs():
     got = stats["0"].per_channel()
     assert got.count == 20 * 36
     for f in ("mean", "std", "min", "max"):
-        assert torch.allclose(getattr(got, f), getattr(conv_ref, f), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(getattr(got, f), getattr(conv_ref, f), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         lin_in = model[2](model[1](model[0](xs)))
     lin_ref = Stats.from_tensor(lin_in, axis=-1)

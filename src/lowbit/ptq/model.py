@@ -321,7 +321,7 @@ def quantize_model(
     w_bits: int = 4,
     a_bits: int = 4,
     clip: str = "aciq",
-    w_clip: str | None = None,
+    w_clip: str | None = "minmax",
     bit_alloc: bool = True,
     bias_correction: bool = True,
     first_last_bits: int | None = 8,
@@ -343,7 +343,9 @@ def quantize_model(
         w_bits, a_bits: bits of weights and activations (mean bits under bit allocation).
         clip: activation clipping method, one of :data:`~lowbit.ptq.CLIP_METHODS`
             (``"aciq"`` picks Laplace or Gaussian per channel).
-        w_clip: weight clipping method (default: same as ``clip``).
+        w_clip: weight clipping method; the paper's default ``"minmax"`` (weights are not
+            clipped, bias correction and bit allocation do the work); ``None``: same as
+            ``clip``.
         bit_alloc: per-channel bit allocation (levels proportional to alpha^(2/3)) for weights
             (per output channel) and activations (per input channel).
         bias_correction: restore each output channel's weight mean and norm.

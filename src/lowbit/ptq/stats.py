@@ -3,11 +3,14 @@
 A tensor is viewed as rows: one row per channel (``axis`` given) or a single row (per tensor).
 For every row we keep what the clipping methods need:
 
-* exact streamed moments: count, mean, std (population), min, max, and for the positive part
+* exact streamed moments (float32 per batch, float64 across batches): count, mean, std
+  (population), min, max, and for the positive part
   (half-range tensors) the fraction, mean (exponential scale b) and root-mean-square (half-normal
   sigma) of the values > 0;
 * the Laplace scale b = mean |x - mean|. Streamed over batches it is, as in the paper's
-  statistics manager, the average over batches of |x - batch mean| (each batch's own mean);
+  statistics manager, the average over batches of |x - batch mean| (each batch's own mean).
+  The per-tensor b of a per-channel accumulator is estimated from the sample below, about
+  the exact overall mean;
 * a uniform random sample of up to ``max_samples`` values per row (reservoir sampling of whole
   columns, so every channel keeps the same positions), used by the percentile and MSE-search
   methods and by the reports.
@@ -19,15 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-
-def _rows(x: Tensor, axis: int | None) -> Tensor:
-    """View ``x`` as [rows, values]: one row per channel along ``axis``, or one row."""
-    if axis is None:
-        return x.reshape(1, -1)
-    if not -x.dim() <= axis < x.dim():
-        raise ValueError(f"axis {axis} out of range for a {x.dim()}-D tensor")
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
 @dataclass
@@ -56,9 +50,11 @@ class Stats:
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.numel() == 0:
             raise ValueError("cannot take statistics of an empty tensor")
-        r = _rows(x.detach(), axis)
-        acc = RunningStats(axis=None, max_samples=r.shape[1])
-        acc._update_rows(r)
+        if axis is not None and not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis {axis} out of range for a {x.dim()}-D tensor")
+        rows = 1 if axis is None else x.shape[axis]
+        acc = RunningStats(axis=axis, max_samples=x.numel() // rows)
+        acc._update(x.detach(), axis)
         return acc._finish(per_tensor=False)
 
 
@@ -82,55 +78,85 @@ class RunningStats:
         self._sum = self._sumsq = self._absdev = None
         self._min = self._max = None
         self._npos = self._sumpos = self._sumsqpos = None
-        self._t_absdev = torch.zeros((), dtype=torch.float64)
         self._reservoir: Tensor | None = None
 
     def update(self, x: Tensor) -> None:
         """Add one batch of the tensor."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.numel() == 0:
             return
-        self._update_rows(_rows(x.detach(), self.axis))
+        self._update(x.detach(), self.axis)
         self.items += int(x.shape[0]) if x.dim() > 0 else 1
 
-    def _update_rows(self, r: Tensor) -> None:
-        r64 = r.to(torch.float64)
-        if self._sum is not None and r64.shape[0] != self._sum.shape[0]:
+    def _update(self, x: Tensor, axis: int | None) -> None:
+        """Accumulate one batch; reductions run over every dim but ``axis`` in place (no
+        transposed copy), in float32 with float64 accumulators."""
+        if axis is None:
+            x = x.reshape(1, -1)
+            axis = 0
+        elif not -x.dim() <= axis < x.dim():
+            raise ValueError(f"axis {axis} out of range for a {x.dim()}-D tensor")
+        axis = axis % x.dim()
+        x = x.float()
+        dims = tuple(d for d in range(x.dim()) if d != axis)
+        rows = x.shape[axis]
+        cols = x.numel() // rows
+        if self._sum is not None and rows != self._sum.shape[0]:
             raise ValueError(
-                f"channel count changed between batches: {self._sum.shape[0]} -> {r64.shape[0]}"
+                f"channel count changed between batches: {self._sum.shape[0]} -> {rows}"
             )
-        pos = r64 > 0
-        rp = torch.where(pos, r64, torch.zeros_like(r64))
+        f64 = torch.float64
+        keep = [1] * x.dim()
+        keep[axis] = rows
+        var32, mean32 = torch.var_mean(x, dims, correction=0)
+        mean = mean32.to(f64)
+        s = mean * cols
+        sumsq = (var32.to(f64) + mean * mean) * cols
+        mn = x.amin(dims).to(f64)
+        mx = x.amax(dims).to(f64)
+        npos = (x > 0).sum(dims).to(f64)
+        if bool((mn >= 0).all()):  # non-negative (post-ReLU): the positive part is x itself
+            sumpos, sumsqpos = s, sumsq
+        else:
+            pos = x.clamp(min=0.0)
+            sumpos = pos.sum(dims, dtype=f64)
+            sumsqpos = pos.mul_(pos).sum(dims, dtype=f64)
         parts = {
-            "_sum": r64.sum(1),
-            "_sumsq": r64.pow(2).sum(1),
-            "_absdev": (r64 - r64.mean(1, keepdim=True)).abs().sum(1),
-            "_npos": pos.sum(1).to(torch.float64),
-            "_sumpos": rp.sum(1),
-            "_sumsqpos": rp.pow(2).sum(1),
+            "_sum": s,
+            "_sumsq": sumsq,
+            "_absdev": (x - mean32.reshape(keep)).abs_().sum(dims, dtype=f64),
+            "_npos": npos,
+            "_sumpos": sumpos,
+            "_sumsqpos": sumsqpos,
         }
         if self._sum is None:
             for k, v in parts.items():
-                setattr(self, k, v)
-            self._min = r64.amin(1)
-            self._max = r64.amax(1)
+                setattr(self, k, v.clone())
+            self._min, self._max = mn, mx
         else:
             for k, v in parts.items():
                 getattr(self, k).add_(v)
-            self._min = torch.minimum(self._min, r64.amin(1))
-            self._max = torch.maximum(self._max, r64.amax(1))
-        self._t_absdev += (r64 - r64.mean()).abs().sum()
-        self._sample_columns(r.to(torch.float32).cpu())
-        self.n += r64.shape[1]
+            self._min = torch.minimum(self._min, mn)
+            self._max = torch.maximum(self._max, mx)
+        self._sample_columns(x, axis, cols)
+        self.n += cols
         self.batches += 1
 
-    def _sample_columns(self, r: Tensor) -> None:
+    def _columns(self, x: Tensor, axis: int, idx: Tensor) -> Tensor:
+        """Columns ``idx`` (flat indices over the other dims, in order) as [rows, len(idx)]."""
+        moved = x.movedim(axis, -1)  # a view
+        other = moved.shape[:-1]
+        multi = torch.unravel_index(idx.to(x.device), other)
+        return moved[multi].t().to(torch.float32).cpu()
+
+    def _sample_columns(self, x: Tensor, axis: int, m: int) -> None:
         """Reservoir sampling (algorithm R) of columns, vectorised per batch."""
         k = self.max_samples
-        m = r.shape[1]
         have = 0 if self._reservoir is None else self._reservoir.shape[1]
         take = min(m, k - have)
         if take > 0:
-            head = r[:, :take].clone()
+            head = self._columns(x, axis, torch.arange(take))
             self._reservoir = head if self._reservoir is None else torch.cat(
                 [self._reservoir, head], 1)
         if take == m:
@@ -148,7 +174,7 @@ class RunningStats:
         owner = torch.full((k,), -1, dtype=torch.int64)
         owner.scatter_reduce_(0, slot, cols, reduce="amax")
         hit = owner >= 0
-        self._reservoir[:, hit] = r[:, owner[hit]]
+        self._reservoir[:, hit] = self._columns(x, axis, owner[hit])
 
     def _finish(self, per_tensor: bool) -> Stats:
         if self._sum is None:
@@ -159,10 +185,13 @@ class RunningStats:
                 for k in ("_sum", "_sumsq", "_npos", "_sumpos", "_sumsqpos")
             }
             n = self.n * self._sum.shape[0]
-            absdev = self._t_absdev.reshape(1)
+            sample = self._reservoir.reshape(1, -1)
+            mean_t = red["_sum"] / n
+            # the tensor's b about its overall mean, from the uniform sample (each row's exact
+            # streamed b is about that row's own mean, so it cannot be combined exactly)
+            absdev = (sample.double() - mean_t).abs().mean(1) * n
             vmin = self._min.amin(0, keepdim=True)
             vmax = self._max.amax(0, keepdim=True)
-            sample = self._reservoir.reshape(1, -1)
         else:
             red = {k: getattr(self, k) for k in ("_sum", "_sumsq", "_npos", "_sumpos", "_sumsqpos")}
             n = self.n
