@@ -423,9 +423,11 @@ def fake_quantize(
 
     * Integer formats: with ``scale`` (and ``zero_point``, default 0) the result equals
       ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` with
-      ``quant_min=fmt.qmin, quant_max=fmt.qmax`` bit for bit for finite inputs; NaN stays NaN
-      (torch maps it to quant_min). With ``scale=None`` the scale comes from the data, see
-      :func:`choose_qparams` (symmetric from max|x| for signed, min/max affine for unsigned).
+      ``quant_min=fmt.qmin, quant_max=fmt.qmax`` bit for bit for finite inputs of every
+      floating dtype; NaN stays NaN (torch maps it to quant_min) and ±inf saturate (torch's
+      per-channel kernel sends them to quant_min). With ``scale=None`` the scale comes from the
+      data, see :func:`choose_qparams` (symmetric from max|x| for signed, min/max affine for
+      unsigned).
     * Float formats (``e4m3``, ``e5m2``, ``e{E}m{M}``, ``fp16``, ``bf16``): round to the format,
       equal to ``x.to(torch.float8_e4m3fn / float8_e5m2 / float16 / bfloat16)`` and back inside
       the range; beyond ``±fmt.max`` values saturate (``saturate=False``: become ±inf); NaN stays
@@ -442,7 +444,12 @@ def fake_quantize(
     Gradient (straight-through estimator, none for the scale): ``grad`` where the value was not
     clipped, else 0. Integer formats: where ``qmin <= round(x/scale) + zero_point <= qmax``;
     float formats: where ``|x/scale| <= fmt.max``; binary and ternary: the hardtanh STE of QNN,
-    where ``|x/scale| <= 1`` (``scale`` = 1 when not given).
+    where ``|x/scale| <= 1`` (``scale`` = 1 when not given). Computed as ``grad * mask``, as
+    torch's fake_quantize backward does.
+
+    Float32 CPU tensors (per tensor, per channel, or groups along the last dim) run in a fused
+    C++ kernel built on first use (:mod:`lowbit.kernels.fake_quant`), bit-identical to the
+    plain-torch path here; ``LOWBIT_NO_EXT=1`` forces the plain-torch path.
     """
     x = _check_tensor(x)
     fmt = get_format(fmt)
