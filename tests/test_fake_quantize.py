@@ -529,3 +529,16 @@ def test_ternary_stochastic_unbiased_inside_range():
 def test_quantize_grad_bad_input(x, kwargs, err, match):
     with pytest.raises(err, match=match):
         quantize_grad(x, **kwargs)
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch):
+    from lowbit.kernels import fake_quant
+
+    monkeypatch.setattr(fake_quant, "_module", None)
+    monkeypatch.setattr(fake_quant, "_failed", "RuntimeError: no compiler")
+    monkeypatch.delenv("LOWBIT_NO_EXT", raising=False)
+    assert not fake_quant.available()
+    x = torch.randn(50, requires_grad=True)
+    y = fake_quantize(x, "int8", scale=0.02)
+    assert y.grad_fn.saved_tensors[0].dtype == torch.bool  # the plain-torch path
+    assert same(y.detach(), torch.fake_quantize_per_tensor_affine(x.detach(), 0.02, 0, -128, 127))
