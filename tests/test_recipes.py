@@ -197,9 +197,11 @@ def test_mnist_mlp_recipe(name, shared_datasets, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("name", ["cifar10_resnet20_fp32", "cifar10_resnet20_w8a8"])
 def test_cifar10_resnet20_short(name, shared_datasets, tmp_path):
-    """A short (3-epoch) CIFAR-10 ResNet-20 run learns: top-1 well above the 10 % chance."""
-    res, secs = _run(name, 3, shared_datasets, tmp_path)
-    print(f"{name}: top-1 {res.final['val_top1']:.2f} % after 3 epochs in {secs:.0f} s")
-    assert res.final["val_top1"] >= 45.0
+    """A short CIFAR-10 ResNet-20 run (2 epochs on 10,000 training images) learns: top-1 well
+    above the 10 % chance level. The full recipe is 160 epochs (hours on 2 CPU cores)."""
+    res, secs = _run(name, 2, shared_datasets, tmp_path, ["data.limit=10000"])
+    print(f"{name}: top-1 {res.final['val_top1']:.2f} % after 2 short epochs in {secs:.0f} s")
+    assert res.final["val_top1"] >= 30.0
