@@ -191,17 +191,23 @@ def unpack_signs(packed: PackedBits, dtype: torch.dtype = torch.float32) -> Tens
     return torch.where(neg, -one, one)
 
 
+_LOW63 = (1 << 63) - 1
+_M1, _M2, _M4 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F
+
+
 def popcount(words: Tensor) -> Tensor:
-    """Number of set bits in each int64 word (pure torch, int64 result)."""
+    """Number of set bits in each int64 word (pure torch, int64 result).
+
+    SWAR bit counting on the low 63 bits, which keeps every intermediate non-negative (no
+    signed overflow), plus the sign bit.
+    """
     if words.dtype != torch.int64:
         raise TypeError(f"words must be int64, got {words.dtype}")
-    return byte_popcount(words.contiguous().view(torch.uint8)).reshape(
-        *words.shape, 8
-    ).sum(-1, dtype=torch.int64)
-
-
-def byte_popcount(b: Tensor) -> Tensor:
-    """Set bits of each uint8 element, as uint8 (SWAR on bytes: no lookup, no overflow)."""
-    b = b - ((b >> 1) & 0x55)
-    b = (b & 0x33) + ((b >> 2) & 0x33)
-    return (b + (b >> 4)) & 0x0F
+    x = words & _LOW63
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = (x + (x >> 32)) & 0x7F
+    return x + (words < 0)
