@@ -93,3 +93,95 @@ class ClipLatentWeights(Callback):
 
 
 register_callback("clip_latent_weights", ClipLatentWeights)
+
+
+class GlorotLRScale(Callback):
+    """Per-layer learning rates of BNN/QNN: every layer's weight update is multiplied by the
+    inverse of its Glorot initialisation range, ``1 / sqrt(1.5 / (fan_in + fan_out))``
+    (:func:`lowbit.train.shift_adamax.glorot_lr_scale`).
+
+    The Theano code's rule ``W <- W_old + scale * (W_new - W_old)`` is applied after each
+    optimizer step through step hooks, so it works with any optimizer and leaves the
+    optimizer's state (and resuming) unchanged. Biases and BN parameters keep the plain rate.
+    Named ``"glorot_lr"`` in ``train.callbacks``; ``"glorot_lr_pow2"`` rounds each scale to a
+    power of two (the Torch7 code, used with shift-based AdaMax so the update stays a shift).
+    The scaling happens inside the optimizer step, before after-step callbacks such as
+    ``"clip_latent_weights"`` run.
+    """
+
+    def __init__(self, power_of_two: bool = False) -> None:
+        self.power_of_two = bool(power_of_two)
+        self.scales: list[tuple[Any, float]] = []
+        self._before: list[Any] | None = None
+        self._handles: list[Any] = []
+
+    def on_train_start(self, trainer: Any) -> None:
+        from .shift_adamax import glorot_param_groups
+
+        for h in self._handles:
+            h.remove()
+        groups = glorot_param_groups(trainer.model, power_of_two=self.power_of_two)
+        self.scales = [(p, g["lr_scale"]) for g in groups if g["lr_scale"] != 1.0
+                       for p in g["params"]]
+        opt = trainer.optimizer
+        self._handles = [opt.register_step_pre_hook(self._pre),
+                         opt.register_step_post_hook(self._post)]
+
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._before = [p.detach().clone() for p, _ in self.scales]
+
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        import torch
+
+        if self._before is None:
+            return
+        with torch.no_grad():
+            for (p, scale), old in zip(self.scales, self._before):
+                p.sub_(old).mul_(scale).add_(old)
+        self._before = None
+
+
+class ShiftBatchNormSwap(Callback):
+    """Use shift-based batch normalisation (:mod:`lowbit.nn.shift_bn`) in training: before the
+    first epoch every ``nn.BatchNorm1d``/``nn.BatchNorm2d`` becomes a ``ShiftBatchNorm1d``/``2d``
+    that shares its parameters (the optimizer keeps working) and copies its running statistics,
+    ``eps`` and ``momentum``. The state dict keys do not change, so checkpoints stay loadable.
+    Named ``"shift_batchnorm"`` in ``train.callbacks``. The swap happens in the training run:
+    a model rebuilt from its recipe elsewhere (e.g. ``lowbit eval``) has ordinary BN layers
+    until this callback (or :func:`shift_batchnorm`) is applied to it.
+    """
+
+    def on_train_start(self, trainer: Any) -> None:
+        shift_batchnorm(trainer.model)
+
+
+def shift_batchnorm(model: Any) -> int:
+    """Swap, in place, every ``nn.BatchNorm1d``/``2d`` of ``model`` for its shift-based
+    twin (see :class:`ShiftBatchNormSwap`); returns the number of layers swapped."""
+    from torch import nn
+
+    from ..nn.shift_bn import ShiftBatchNorm1d, ShiftBatchNorm2d
+
+    targets = {nn.BatchNorm1d: ShiftBatchNorm1d, nn.BatchNorm2d: ShiftBatchNorm2d}
+    count = 0
+    for parent in list(model.modules()):
+        for name, bn in list(parent.named_children()):
+            cls = targets.get(type(bn))
+            if cls is None:
+                continue
+            new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                      track_running_stats=bn.track_running_stats, device="meta")
+            if bn.affine:
+                new.weight, new.bias = bn.weight, bn.bias
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                value = getattr(bn, buf)
+                setattr(new, buf, None if value is None else value.detach().clone())
+            new.train(bn.training)
+            setattr(parent, name, new)
+            count += 1
+    return count
+
+
+register_callback("glorot_lr", GlorotLRScale)
+register_callback("glorot_lr_pow2", lambda: GlorotLRScale(power_of_two=True))
+register_callback("shift_batchnorm", ShiftBatchNormSwap)
