@@ -21,6 +21,7 @@ w1a1          binary (+-1)        binary (+-1)        -                      w8a
 w1a1g6        binary (+-1)        binary (+-1)        int6, stochastic       w8a8
 w1a8, w2a8    binary / int2       uint8 batch / EMA   -                      same
 fp8           e5m2                e5m2                e5m2, stochastic (+)   fp32
+fp8-rne       e5m2                e5m2                e5m2, nearest (+)      fp32
 fp8-hybrid    e4m3 per-tensor     e4m3 per-tensor     e5m2 per-tensor        fp32
               scaled (current)    scaled (current)    scaled, stochastic
 ============  ==================  ==================  =====================  ==========
@@ -39,7 +40,8 @@ The 8-bit-training and FP8 schemes use the quantized backward GEMMs of :mod:`low
 (``gemm`` field): (*) gradient bifurcation, the error reaching the layer below is int8 while
 the weight gradient is computed from an int16 stochastic copy (Banner et al.); (+) the
 weight gradient is rounded to e5m2 too, stochastically, and overflow becomes inf (never
-saturates) so the loss scaler skips the step.
+saturates) so the loss scaler skips the step; ``fp8-rne`` rounds errors and weight
+gradients to nearest instead (the paper's ablation).
 """
 
 from __future__ import annotations
@@ -211,6 +213,8 @@ _builtin("w1a1g6", "binary", "binary", "int6")
 _builtin("w1a8", "binary", "uint8", first_last="same")
 _builtin("w2a8", "int2", "uint8", first_last="same")
 _builtin("fp8", "e5m2", "e5m2", "e5m2", first_last="fp32", gemm="fp8")
+_builtin("fp8-rne", "e5m2", "e5m2", QuantSpec("e5m2", observer="none", rounding="nearest"),
+         first_last="fp32", gemm="fp8-nearest")
 _builtin("fp8-hybrid", QuantSpec("e4m3", observer="dynamic"),
          QuantSpec("e4m3", observer="dynamic"),
          QuantSpec("e5m2", observer="dynamic", rounding="stochastic"), first_last="fp32",
