@@ -245,7 +245,7 @@ QNN_RECIPES = {
     "mnist_mlp_w1a1": "w1a1", "mnist_mlp_w1a2": "w1a2", "cifar10_binarynet_w1a1": "w1a1",
     "cifar10_binarynet_w1a2": "w1a2", "cifar10_binarynet_w2a2": "w2a2",
     "ptb_lstm_fp32": "fp32", "ptb_lstm_w2a2": "w2a2", "ptb_lstm_w3a3": "w3a3",
-    "ptb_lstm_w4a4": "w4a4",
+    "ptb_lstm_w4a4": "w4a4", "imagenet_alexnet_w1a2": "w1a2", "imagenet_resnet18_w1a2": "w1a2",
 }
 
 
@@ -256,5 +256,6 @@ def test_qnn_recipes(name, scheme):
     assert cfg["quant"]["scheme"] == scheme
     if scheme in ("w1a1", "w1a2"):
         assert "clip_latent_weights" in cfg["train"]["callbacks"]
+    if scheme in ("w1a1", "w1a2") and not name.startswith("imagenet"):
         assert cfg["loss"]["name"] == "squared_hinge"
         assert set(cfg["quant"]["overrides"].values()) == {"w1a8"}
