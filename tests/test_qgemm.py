@@ -425,6 +425,7 @@ def test_registry_and_validation():
     assert get_qgemm("bifurcated").wgrad_error.format_name == "int16"
     assert get_qgemm("fp8").wgrad.format_name == "e5m2"
     assert get_qgemm("fp8").wgrad.rounding == "stochastic"
+    assert get_qgemm("fp8-nearest").wgrad.rounding == "nearest"
     with pytest.raises(ValueError, match="choose one of"):
         get_qgemm("fp9")
     with pytest.raises(ValueError, match="already registered"):

@@ -50,6 +50,7 @@ Gemms registered here (see :func:`register_qgemm` for new ones):
 ``"bifurcated-fp32"`` the error copy for ``dW`` left in FP32 (their published code)
 ``"fp8"``             the e5m2 error for both backward GEMMs, ``dW`` rounded to e5m2
                       stochastically, non-saturating (Mellempudi et al.)
+``"fp8-nearest"``     the same with ``dW`` rounded to nearest (the paper's ablation)
 
 The bias gradient is the sum of the wgrad-path error copy, kept in FP32.
 """
@@ -470,3 +471,5 @@ register_qgemm("qbackward", wgrad_error=_SAME)
 register_qgemm("bifurcated", wgrad_error="int16")
 register_qgemm("bifurcated-fp32", wgrad_error=None)
 register_qgemm("fp8", wgrad_error=_SAME, wgrad="e5m2")
+register_qgemm("fp8-nearest", wgrad_error=_SAME,
+               wgrad=QuantSpec("e5m2", observer="none", rounding="nearest"))
