@@ -93,6 +93,8 @@ def test_fp8_scheme_layers_and_first_last():
     for mod in q.values():
         assert mod.gemm == "fp8" and mod.grad_quant.spec.rounding == "stochastic"
         assert mod.weight_format == "e5m2" and mod.act_format == "e5m2"
+    for mod in dict(quantized_modules(model_for("fp8-rne"))).values():  # the RNE ablation
+        assert mod.gemm == "fp8-nearest" and mod.grad_quant.spec.rounding == "nearest"
     every = model_for("fp8", first_last="same")
     assert all(isinstance(mod, (QConv2d, QLinear)) and mod.gemm == "fp8"
                for mod in every.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
