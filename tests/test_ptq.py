@@ -871,3 +871,22 @@ def test_run_ptq_checkpoint_evaluates_to_its_report(tmp_path):
     assert res["fp32_top1"] > 50.0
     with pytest.raises(ValueError, match="already"):
         run_ptq(res["checkpoint"])
+
+
+@pytest.mark.parametrize("mode", ["mean", "mean_var"])
+def test_quantize_model_bias_correction_modes(trained_digits, mode):
+    model, calib, _, _ = trained_digits
+    q, report = quantize_model(model, calib, w_bits=3, clip="minmax", bit_alloc=False,
+                               bias_correction=mode)
+    assert report.config["bias_correction"] == mode
+    folded = fold_batchnorms(model)
+    w = folded[3].weight.detach()
+    with torch.no_grad():
+        wq = q[3].weight_quant(q[3].weight)
+    dims = (1, 2, 3)
+    assert torch.allclose(wq.double().mean(dims), w.double().mean(dims), atol=1e-6)
+    norm = lambda t: (t.double() - t.double().mean(dims, keepdim=True)).pow(2).sum(dims).sqrt()
+    same_norm = torch.allclose(norm(wq), norm(w), rtol=1e-5)
+    assert same_norm == (mode == "mean_var")
+    with pytest.raises(ValueError, match="bias_correction"):
+        quantize_model(model, calib, bias_correction="var")

@@ -157,7 +157,7 @@ class PTQReport:
             "",
             f"W{c['w_bits']}A{c['a_bits']}, activation clipping `{c['clip']}`, weight clipping "
             f"`{c['w_clip']}`, bit allocation {'on' if c['bit_alloc'] else 'off'}, bias "
-            f"correction {'on' if c['bias_correction'] else 'off'}, first/last layers at "
+            f"correction {c['bias_correction'] or 'off'}, first/last layers at "
             f"{c['first_last_bits'] or 'the same'} bits, {len(self.folded)} BatchNorms folded, "
             f"{c['num_samples']} calibration inputs.",
             "",
@@ -250,7 +250,7 @@ def _allocate(clip: ClipRange, stats: Stats, avg_bits: int, method: str,
     return clip_range(stats, bits, method, half_range=clip.half_range, percentile=percentile)
 
 
-def _plan_weight(w: Tensor, bits: int, method: str, alloc: bool, correct: bool,
+def _plan_weight(w: Tensor, bits: int, method: str, alloc: bool, correct: str | None,
                  per_channel: bool, percentile: float) -> tuple[RangeQuantizer, dict]:
     axis = 0 if per_channel else None
     stats = Stats.from_tensor(w, axis)
@@ -264,7 +264,7 @@ def _plan_weight(w: Tensor, bits: int, method: str, alloc: bool, correct: bool,
     w_hat = outs[list(outs)[-1]]
     gain = offset = None
     if correct:
-        gain, offset = correction_params(w, w_hat, axis=0)
+        gain, offset = correction_params(w, w_hat, axis=0, variance=correct == "mean_var")
     q = RangeQuantizer(final.lo, final.hi, final.bits, axis=axis, gain=gain, offset=offset,
                        corr_axis=0, method=method)
     if correct:
@@ -323,7 +323,7 @@ def quantize_model(
     clip: str = "aciq",
     w_clip: str | None = "minmax",
     bit_alloc: bool = True,
-    bias_correction: bool = True,
+    bias_correction: bool | str = True,
     first_last_bits: int | None = 8,
     fold_bn: bool = True,
     per_channel_acts: bool = True,
@@ -348,9 +348,11 @@ def quantize_model(
             ``clip``.
         bit_alloc: per-channel bit allocation (levels proportional to alpha^(2/3)) for weights
             (per output channel) and activations (per input channel).
-        bias_correction: restore each output channel's weight mean and norm.
-        first_last_bits: bits of the first and last layer (no bit allocation there);
-            ``None`` treats them like the others.
+        bias_correction: per output channel, restore the weight mean and norm (``True`` or
+            ``"mean_var"``, the paper's eq. 12-13) or only the mean (``"mean"``, what the
+            authors' README runs use); ``False`` for none.
+        first_last_bits: bits of the first and last layer, quantized with min/max ranges
+            and no bit allocation (as in the paper); ``None`` treats them like the others.
         fold_bn: fold BatchNorms into the preceding layers first.
         per_channel_acts, per_channel_weights: per-channel ranges (else per tensor).
         max_samples: values kept per channel during calibration (percentile/MSE/report).
@@ -361,6 +363,11 @@ def quantize_model(
     _check_bits("a_bits", a_bits)
     _check_bits("first_last_bits", first_last_bits, allow_none=True)
     w_clip = clip if w_clip is None else w_clip
+    modes = {True: "mean_var", "mean_var": "mean_var", "mean": "mean", False: None}
+    if not isinstance(bias_correction, (bool, str)) or bias_correction not in modes:
+        raise ValueError("bias_correction must be True, False, 'mean' or 'mean_var', got "
+                         f"{bias_correction!r}")
+    correction = modes[bias_correction]
     for name, value in (("clip", clip), ("w_clip", w_clip)):
         if value not in CLIP_METHODS:
             raise ValueError(f"{name} must be one of {CLIP_METHODS}, got {value!r}")
@@ -391,14 +398,17 @@ def quantize_model(
         wb = first_last_bits if edge else w_bits
         ab = first_last_bits if edge else a_bits
         alloc = bit_alloc and not edge
+        # the paper keeps the first and last layers unclipped: image pixels and logits are
+        # far from any Laplace/Gaussian prior
+        layer_wclip, layer_aclip = ("minmax", "minmax") if edge else (w_clip, clip)
         conv = isinstance(mod, nn.Conv2d)
         act_axis = (1 if conv else -1) if per_channel_acts else None
         with torch.no_grad():
-            wq, wrow = _plan_weight(mod.weight.detach(), wb, w_clip, alloc, bias_correction,
-                                    per_channel_weights, percentile)
+            wq, wrow = _plan_weight(mod.weight.detach(), wb, layer_wclip, alloc,
+                                    correction, per_channel_weights, percentile)
             a_stats = (calib[name].per_channel() if per_channel_acts
                        else calib[name].per_tensor())
-            aq, arow = _plan_act(a_stats, ab, clip, alloc, act_axis, percentile)
+            aq, arow = _plan_act(a_stats, ab, layer_aclip, alloc, act_axis, percentile)
         q = (QConv2d if conv else QLinear).from_float(mod)
         q.weight_quant = wq
         q.act_quant = aq
@@ -407,13 +417,14 @@ def quantize_model(
                      **arow})
         meta_layers[name] = {
             "kind": "conv2d" if conv else "linear",
-            "w_axis": wq.axis, "w_rows": int(wq.lo.numel()), "bias_correction": bias_correction,
+            "w_axis": wq.axis, "w_rows": int(wq.lo.numel()),
+            "bias_correction": correction is not None,
             "a_axis": aq.axis, "a_rows": int(aq.lo.numel()),
-            "w_method": w_clip, "a_method": clip,
+            "w_method": layer_wclip, "a_method": layer_aclip,
         }
     config = {
         "w_bits": w_bits, "a_bits": a_bits, "clip": clip, "w_clip": w_clip,
-        "bit_alloc": bit_alloc, "bias_correction": bias_correction,
+        "bit_alloc": bit_alloc, "bias_correction": correction or False,
         "first_last_bits": first_last_bits, "fold_bn": fold_bn,
         "per_channel_acts": per_channel_acts, "per_channel_weights": per_channel_weights,
         "num_samples": num_samples, "calibration_inputs": next(iter(calib.values())).items,

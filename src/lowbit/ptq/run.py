@@ -82,7 +82,7 @@ def run_ptq(
     clip: str = "aciq",
     w_clip: str = "minmax",
     bit_alloc: bool = True,
-    bias_correction: bool = True,
+    bias_correction: bool | str = True,
     first_last_bits: int | None = 8,
     num_samples: int = 512,
     per_channel_acts: bool = True,
