@@ -96,13 +96,15 @@ register_callback("clip_latent_weights", ClipLatentWeights)
 
 
 class GlorotLRScale(Callback):
-    """Per-layer learning rates of BNN/QNN: every layer's weight update is multiplied by the
-    inverse of its Glorot initialisation range, ``1 / sqrt(1.5 / (fan_in + fan_out))``
+    """Per-layer learning rates of BNN/QNN: the latent-weight update of every layer with
+    binary or ternary weights (the weights ``"clip_latent_weights"`` clips) is multiplied by
+    the inverse of its Glorot initialisation range, ``1 / sqrt(1.5 / (fan_in + fan_out))``
     (:func:`lowbit.train.shift_adamax.glorot_lr_scale`).
 
     The Theano code's rule ``W <- W_old + scale * (W_new - W_old)`` is applied after each
     optimizer step through step hooks, so it works with any optimizer and leaves the
-    optimizer's state (and resuming) unchanged. Biases and BN parameters keep the plain rate.
+    optimizer's state (and resuming) unchanged. Biases, BN parameters and the weights of
+    layers kept at higher precision (e.g. an 8-bit classifier) keep the plain rate.
     Named ``"glorot_lr"`` in ``train.callbacks``; ``"glorot_lr_pow2"`` rounds each scale to a
     power of two (the Torch7 code, used with shift-based AdaMax so the update stays a shift).
     The scaling happens inside the optimizer step, before after-step callbacks such as
@@ -116,13 +118,16 @@ class GlorotLRScale(Callback):
         self._handles: list[Any] = []
 
     def on_train_start(self, trainer: Any) -> None:
-        from .shift_adamax import glorot_param_groups
+        from ..nn import quantized_modules
+        from .shift_adamax import glorot_lr_scale
 
         for h in self._handles:
             h.remove()
-        groups = glorot_param_groups(trainer.model, power_of_two=self.power_of_two)
-        self.scales = [(p, g["lr_scale"]) for g in groups if g["lr_scale"] != 1.0
-                       for p in g["params"]]
+        self.scales = [
+            (m.weight, glorot_lr_scale(m, power_of_two=self.power_of_two))
+            for _, m in quantized_modules(trainer.model)
+            if m.weight_quant is not None and m.weight_quant.kind in ("binary", "ternary")
+        ]
         opt = trainer.optimizer
         self._handles = [opt.register_step_pre_hook(self._pre),
                          opt.register_step_post_hook(self._post)]
