@@ -39,12 +39,13 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0)
 
 
-def binary_mlp(hidden=(32,), scheme: str = "w1a1") -> nn.Module:
-    """The BinaryNet MLP shape on 8x8 digits: 8-bit-input first layer, binary hidden layers."""
+def binary_mlp(hidden=(32,), scheme: str = "w1a1", first_last: str = "same") -> nn.Module:
+    """The BinaryNet MLP shape on 8x8 digits: 8-bit-input first layer, binary hidden layers
+    (and classifier, unless ``first_last`` says otherwise)."""
     torch.manual_seed(0)
     model = create("mlp", in_features=64, hidden=list(hidden), batchnorm=True,
                    activation="hardtanh")
-    return convert(model, scheme, first_last="same", overrides={"features.1": "w1a8"})
+    return convert(model, scheme, first_last=first_last, overrides={"features.1": "w1a8"})
 
 
 def digits_cfg(tmp_path: Path, **over) -> dict:
@@ -77,7 +78,7 @@ def test_binary_layer_forward_is_sign_and_backward_is_the_hardtanh_ste():
 
 class StepRecorder(Callback):
     """Checks every SGD step: w_new = clip(w + s * (-lr * grad), -1, 1) for binary layers (s
-    their Glorot factor), w - lr * grad for everything else."""
+    their Glorot factor), w - lr * grad for everything else (the 8-bit classifier too)."""
 
     def __init__(self, lr: float, clip: bool, glorot: bool) -> None:
         self.lr, self.clip, self.glorot = lr, clip, glorot
@@ -87,12 +88,12 @@ class StepRecorder(Callback):
     def on_train_start(self, trainer) -> None:
         model = trainer.model
         self.params = dict(model.named_parameters())
-        self.scale = {}
-        for name, mod in model.named_modules():
-            if isinstance(mod, QLinear) and self.glorot:
-                self.scale[f"{name}.weight"] = glorot_lr_scale(mod)
         self.binary = {f"{n}.weight" for n, m in model.named_modules()
                        if isinstance(m, QLinear) and m.weight_quant.kind == "binary"}
+        self.scale = {}
+        for name, mod in model.named_modules():
+            if f"{name}.weight" in self.binary and self.glorot:
+                self.scale[f"{name}.weight"] = glorot_lr_scale(mod)
         self.old = {n: p.detach().clone() for n, p in self.params.items()}
 
     def after_step(self, trainer) -> None:
@@ -109,13 +110,18 @@ class StepRecorder(Callback):
         self.steps += 1
 
 
-@pytest.mark.parametrize("glorot,lr", [(False, 1.0), (True, 0.5)])
+@pytest.mark.parametrize("glorot,lr", [(False, 1.0), (True, 0.1)])
 def test_training_loop_clips_latent_weights_and_scales_updates(tmp_path, glorot, lr):
     callbacks = (["glorot_lr"] if glorot else []) + ["clip_latent_weights"]
     rec = StepRecorder(lr=lr, clip=True, glorot=glorot)
+    model = binary_mlp(hidden=(32, 32), first_last="w8a8")
+    assert model.classifier.weight_quant.fmt.name == "int8"
+    with torch.no_grad():  # the Theano initialisation U(-1, 1): latent weights near the bound
+        model.features[1].weight.uniform_(-1, 1)
+        model.features[4].weight.uniform_(-1, 1)
     train(digits_cfg(tmp_path, **{"train.callbacks": callbacks, "optim.lr": lr}),
-          model=binary_mlp(), callbacks=[rec], log=None)
-    assert rec.steps > 10
+          model=model, callbacks=[rec], log=None)
+    assert rec.steps > 10 and len(rec.binary) == 2  # first and hidden layer, not classifier
     assert rec.at_bound > 0  # the test can fail: some updates went past the bound
     for name in rec.binary:
         assert float(rec.params[name].detach().abs().max()) <= 1.0
