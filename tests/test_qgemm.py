@@ -462,3 +462,17 @@ def test_custom_registration_reaches_modules():
     copy = rec[1].a
     assert torch.equal(copy.half().float(), copy)
     assert torch.equal(q.weight.grad.bfloat16().float(), q.weight.grad)
+
+
+def test_nested_recorders_each_see_their_block():
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(2, 4)
+    with record_gemm_inputs() as outer:
+        with record_gemm_inputs() as inner:
+            pass
+        with record_gemm_inputs() as inner2:
+            quantized_linear(x, w).sum().backward()
+    assert inner == [] and [r.stage for r in inner2] == ["forward", "dgrad"]
+    assert [r.stage for r in outer] == ["forward", "dgrad"]
+    quantized_linear(x, w).sum().backward()
+    assert len(outer) == 2  # closed recorders stop collecting

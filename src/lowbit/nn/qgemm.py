@@ -239,34 +239,30 @@ class GemmRecord:
     tag: Any = None
 
 
-_local = threading.local()
-
-
-def _recorders() -> list[list[GemmRecord]]:
-    rec = getattr(_local, "recorders", None)
-    if rec is None:
-        rec = _local.recorders = []
-    return rec
+_recorders: list[list[GemmRecord]] = []  # process-wide: CUDA backward runs in another thread
+_recorders_lock = threading.Lock()
 
 
 def _record(stage: str, a: Tensor, b: Tensor | None, tag: Any) -> None:
-    recs = getattr(_local, "recorders", None)
-    if recs:
+    if _recorders:
         r = GemmRecord(stage, a.detach().clone(), None if b is None else b.detach().clone(), tag)
-        for lst in recs:
-            lst.append(r)
+        with _recorders_lock:
+            for lst in _recorders:
+                lst.append(r)
 
 
 @contextmanager
 def record_gemm_inputs() -> Iterator[list[GemmRecord]]:
-    """Collect a :class:`GemmRecord` for every GEMM run by the quantized-backward functions in
-    this thread (forward and backward) while the block runs. For tests and inspection."""
+    """Collect a :class:`GemmRecord` for every GEMM run by the quantized-backward functions
+    (forward and backward, in any thread) while the block runs. For tests and inspection."""
     lst: list[GemmRecord] = []
-    _recorders().append(lst)
+    with _recorders_lock:
+        _recorders.append(lst)
     try:
         yield lst
     finally:
-        _recorders().remove(lst)
+        with _recorders_lock:  # by identity: two recorders may hold equal lists
+            del _recorders[next(i for i, r in enumerate(_recorders) if r is lst)]
 
 
 # ------------------------------------------------------------------------- autograd funcs
