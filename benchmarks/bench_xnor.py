@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--torch-size", type=int, default=1024)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default benchmarks/results; a temporary one with --quick)")

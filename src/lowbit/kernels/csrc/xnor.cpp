@@ -30,10 +30,36 @@ constexpr int64_t MC = 64;
 constexpr int64_t NC = 256;
 constexpr int64_t kMinWork = int64_t{1} << 19;  // word pairs per thread, about 50 us
 
+template <class Isa, int R, int C>
+void micro_edge(int64_t r, int64_t nr, const u64* a, int64_t lda, const u64* b, int64_t ldb,
+                int64_t kw, int32_t* c, int64_t ldc);
+
+// The tile loops over a rows x cols block (A rows at a, B rows at b, both with stride W),
+// compiled for the ISA so that the full-tile micro kernel is inlined (a call per tile costs
+// as much as the tile itself when K is a few words); edge tiles go through micro_edge.
+#define LOWBIT_XNOR_BLOCK(TARGET, SELF)                                                        \
+  __attribute__((target(TARGET))) static void block(const u64* a, const u64* b, int64_t W,     \
+                                                    int64_t rows, int64_t cols, int64_t kw,    \
+                                                    int32_t* c, int64_t ldc) {                 \
+    for (int64_t i = 0; i < rows; i += MR) {                                                   \
+      const int64_t r = std::min<int64_t>(MR, rows - i);                                       \
+      for (int64_t j = 0; j < cols; j += NR) {                                                 \
+        const int64_t nr = std::min<int64_t>(NR, cols - j);                                    \
+        if (r == MR && nr == NR) {                                                             \
+          micro<MR, NR>(a + i * W, W, b + j * W, W, kw, c + i * ldc + j, ldc);                 \
+        } else {                                                                               \
+          micro_edge<SELF, MR, NR>(r, nr, a + i * W, W, b + j * W, W, kw, c + i * ldc + j,     \
+                                   ldc);                                                       \
+        }                                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+  }
+
 // ---------------------------------------------------------------- scalar (popcnt) micro kernel
 struct Scalar {
   static constexpr int MR = 2;
   static constexpr int NR = 4;
+  LOWBIT_XNOR_BLOCK("popcnt", Scalar)
 
   template <int R, int C>
   __attribute__((target("popcnt"))) static void micro(
@@ -60,6 +86,7 @@ struct Scalar {
 struct Avx2 {
   static constexpr int MR = 2;
   static constexpr int NR = 4;
+  LOWBIT_XNOR_BLOCK("avx2,popcnt", Avx2)
 
   template <int R, int C>
   __attribute__((target("avx2,popcnt"))) static void micro(
@@ -109,6 +136,7 @@ struct Avx2 {
 struct Avx512 {
   static constexpr int MR = 4;
   static constexpr int NR = 4;
+  LOWBIT_XNOR_BLOCK("avx512f,avx512vpopcntdq", Avx512)
 
   template <int R, int C>
   __attribute__((target("avx512f,avx512vpopcntdq"))) static void micro(
@@ -142,13 +170,47 @@ struct Avx512 {
                                        _mm512_popcnt_epi64(_mm512_xor_si512(av[i], bv)));
       }
     }
-    for (int i = 0; i < R; ++i)
-      for (int j = 0; j < C; ++j)
-        c[i * ldc + j] += static_cast<int32_t>(_mm512_reduce_add_epi64(acc[i][j]));
+    if constexpr (R % 2 == 0 && C == 4) {
+      // two rows at a time: 8 accumulators -> one vector of 8 sums -> 2 x 4 int32 outputs
+      for (int h = 0; h < R; h += 2) {
+        const __m512i v[8] = {acc[h][0],     acc[h][1],     acc[h][2],     acc[h][3],
+                              acc[h + 1][0], acc[h + 1][1], acc[h + 1][2], acc[h + 1][3]};
+        const __m256i sums = _mm512_cvtepi64_epi32(reduce8(v));
+        int32_t* c0 = c + h * ldc;
+        int32_t* c1 = c0 + ldc;
+        const __m128i lo = _mm256_castsi256_si128(sums);
+        const __m128i hi = _mm256_extracti128_si256(sums, 1);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(c0),
+                         _mm_add_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c0)), lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(c1),
+                         _mm_add_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c1)), hi));
+      }
+    } else {
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < C; ++j)
+          c[i * ldc + j] += static_cast<int32_t>(_mm512_reduce_add_epi64(acc[i][j]));
+    }
+  }
+
+  // r[k] = sum of the 8 lanes of v[k]: pairwise adds and 128-bit lane shuffles (21 ops instead
+  // of 8 horizontal reductions).
+  __attribute__((target("avx512f"))) static inline __m512i reduce8(const __m512i* v) {
+    __m512i t[4];
+    for (int q = 0; q < 4; ++q)
+      t[q] = _mm512_add_epi64(_mm512_unpacklo_epi64(v[2 * q], v[2 * q + 1]),
+                              _mm512_unpackhi_epi64(v[2 * q], v[2 * q + 1]));
+    const __m512i s0 = _mm512_add_epi64(_mm512_shuffle_i64x2(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_i64x2(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i s1 = _mm512_add_epi64(_mm512_shuffle_i64x2(t[2], t[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_i64x2(t[2], t[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_epi64(_mm512_shuffle_i64x2(s0, s1, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i64x2(s0, s1, _MM_SHUFFLE(3, 1, 3, 1)));
   }
 };
 
 // Calls Isa::micro<r, nr> for a tile of r <= R rows and nr <= C columns (edges of C).
+#undef LOWBIT_XNOR_BLOCK
+
 template <class Isa, int R, int C>
 void micro_edge(int64_t r, int64_t nr, const u64* a, int64_t lda, const u64* b, int64_t ldb,
                 int64_t kw, int32_t* c, int64_t ldc) {
@@ -182,21 +244,8 @@ void gemm(const u64* A, const u64* B, int64_t M, int64_t N, int64_t W, int64_t m
       const int64_t j0 = (t % nb) * NC, j1 = std::min(N, j0 + NC);
       std::fill(pop.begin(), pop.end(), 0);
       for (int64_t k0 = 0; k0 < W; k0 += KC) {
-        const int64_t kw = std::min(KC, W - k0);
-        for (int64_t i = i0; i < i1; i += Isa::MR) {
-          const int64_t r = std::min<int64_t>(Isa::MR, i1 - i);
-          for (int64_t j = j0; j < j1; j += Isa::NR) {
-            const int64_t nr = std::min<int64_t>(Isa::NR, j1 - j);
-            const u64* a = A + i * W + k0;
-            const u64* b = B + j * W + k0;
-            int32_t* c = pop.data() + (i - i0) * NC + (j - j0);
-            if (r == Isa::MR && nr == Isa::NR) {
-              Isa::template micro<Isa::MR, Isa::NR>(a, W, b, W, kw, c, NC);
-            } else {
-              micro_edge<Isa, Isa::MR, Isa::NR>(r, nr, a, W, b, W, kw, c, NC);
-            }
-          }
-        }
+        Isa::block(A + i0 * W + k0, B + j0 * W + k0, W, i1 - i0, j1 - j0, std::min(KC, W - k0),
+                   pop.data(), NC);
       }
       epi(i0, i1, j0, j1, pop.data(), NC);
     }
@@ -455,7 +504,7 @@ torch::Tensor pack_signs_f32(const torch::Tensor& x, const std::string& isa) {
   const float* X = x.data_ptr<float>();
   u64* O = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
   const bool vec = (isa == "avx512") && cpu_has("avx512");
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (vec) {
@@ -479,7 +528,7 @@ torch::Tensor pack_bitplanes_i32(const torch::Tensor& x, int64_t bits, const std
   u64* O = reinterpret_cast<u64*>(out.data_ptr<int64_t>());
   const bool vec = (isa == "avx512") && cpu_has("avx512");
   const int nb = static_cast<int>(bits);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (vec) {
