@@ -41,24 +41,27 @@ ROOT = Path(__file__).resolve().parent
 PAPER_MNIST_SPEEDUP = 7.0  # QNN paper: MNIST MLP with the XNOR GPU kernel vs its unoptimised one
 
 
-def timeit(fn: Callable[[], object], repeats: int, min_time: float = 0.0) -> dict[str, float]:
-    """Best and median wall time of ``fn`` over ``repeats`` runs (after one warm-up call); if a
-    run is shorter than ``min_time`` it is repeated in a loop and averaged."""
-    fn()
-    inner = 1
-    if min_time > 0:
+def timeit(fns: dict[str, Callable[[], object]], repeats: int,
+           min_time: float = 0.0) -> dict[str, dict[str, float]]:
+    """Best and median wall time of each function over ``repeats`` rounds, after one warm-up
+    call each. The functions take turns within every round, so a change in machine load hits
+    them alike. A function faster than ``min_time`` is looped and averaged within its turn."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()
         t = time.perf_counter()
         fn()
         once = max(time.perf_counter() - t, 1e-9)
-        inner = max(1, int(min_time / once))
-    times = []
+        inner[name] = max(1, int(min_time / once)) if min_time > 0 else 1
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t) / inner)
-    return {"best_s": min(times), "median_s": statistics.median(times), "runs": repeats,
-            "calls_per_run": inner}
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            times[name].append((time.perf_counter() - t) / inner[name])
+    return {name: {"best_s": min(ts), "median_s": statistics.median(ts), "runs": repeats,
+                   "calls_per_run": inner[name]} for name, ts in times.items()}
 
 
 def machine_info(threads: int) -> dict[str, object]:
@@ -96,22 +99,22 @@ def bench_gemm(size: int, repeats: int, torch_size: int) -> dict[str, object]:
     b = torch.randint(0, 2, (k, n), generator=gen).float() * 2 - 1
     a8, b8 = a.to(torch.int8), b.to(torch.int8)
     pa, pb = pack_signs(a), pack_signs(b.t())
-    rows: dict[str, dict[str, float]] = {}
 
     ref = torch._int_mm(a8, b8)
-    rows["float32 torch.mm"] = timeit(lambda: torch.mm(a, b), repeats)
-    rows["int8 torch._int_mm"] = timeit(lambda: torch._int_mm(a8, b8), repeats)
-    exact = {"float32 torch.mm": bool(torch.equal(torch.mm(a, b).to(torch.int32), ref))}
-    for backend in available_backends():
-        if backend == "torch":
-            continue
-        name = f"xnor_matmul {backend} (packed)"
-        rows[name] = timeit(lambda be=backend: xnor_matmul(pa, pb, backend=be), repeats)
-        exact[name] = bool(torch.equal(xnor_matmul(pa, pb, backend=backend), ref))
     best = available_backends()[0]
-    name = f"xnor_matmul {best} (+ packing A)"
-    rows[name] = timeit(lambda: xnor_matmul(pack_signs(a), pb, backend=best), repeats)
-    exact[name] = bool(torch.equal(xnor_matmul(pack_signs(a), pb, backend=best), ref))
+    fns: dict[str, Callable[[], object]] = {
+        "float32 torch.mm": lambda: torch.mm(a, b),
+        "int8 torch._int_mm": lambda: torch._int_mm(a8, b8),
+    }
+    for backend in available_backends():
+        if backend != "torch":
+            fns[f"xnor_matmul {backend} (packed)"] = (
+                lambda be=backend: xnor_matmul(pa, pb, backend=be))
+    fns[f"xnor_matmul {best} (+ packing A)"] = lambda: xnor_matmul(pack_signs(a), pb,
+                                                                   backend=best)
+    exact = {name: bool(torch.equal(fn().to(torch.int32), ref))
+             for name, fn in fns.items() if name != "int8 torch._int_mm"}
+    rows = timeit(fns, repeats)
 
     base = rows["float32 torch.mm"]["best_s"]
     int8 = rows["int8 torch._int_mm"]["best_s"]
@@ -124,12 +127,11 @@ def bench_gemm(size: int, repeats: int, torch_size: int) -> dict[str, object]:
     ts = min(torch_size, size)
     at, bt = a[:ts, :ts].contiguous(), b[:ts, :ts].contiguous()
     pat, pbt = pack_signs(at), pack_signs(bt.t())
-    small = {
-        "size": ts,
-        "float32 torch.mm": timeit(lambda: torch.mm(at, bt), repeats),
-        "xnor_matmul torch fallback": timeit(lambda: xnor_matmul(pat, pbt, backend="torch"),
-                                             max(1, repeats // 2)),
-    }
+    small: dict[str, object] = {"size": ts}
+    small.update(timeit({
+        "float32 torch.mm": lambda: torch.mm(at, bt),
+        "xnor_matmul torch fallback": lambda: xnor_matmul(pat, pbt, backend="torch"),
+    }, max(1, repeats // 2)))
     small["xnor_matmul torch fallback"]["speedup_vs_float32"] = (
         small["float32 torch.mm"]["best_s"] / small["xnor_matmul torch fallback"]["best_s"])
     exact["xnor_matmul torch fallback"] = bool(torch.equal(
@@ -216,8 +218,9 @@ def bench_mlp(hidden: int, repeats: int) -> dict[str, object]:
         for batch in (1, 256):
             x8 = images[:batch].contiguous()
             xf = x8.float()
-            tf = timeit(lambda xf=xf: float_mlp(xf), repeats, min_time=0.05)
-            tp = timeit(lambda x8=x8: packed_mlp(x8), repeats, min_time=0.05)
+            t = timeit({"float": lambda xf=xf: float_mlp(xf),
+                        "packed": lambda x8=x8: packed_mlp(x8)}, repeats, min_time=0.05)
+            tf, tp = t["float"], t["packed"]
             out[f"batch{batch}"] = {
                 "float32_eager": tf,
                 "packed": tp,
