@@ -239,3 +239,13 @@ def test_summary_numbers():
     # int8 weights with an fp32 bias
     lin = summary(convert(nn.Sequential(nn.Linear(10, 10)), "w8a8"), print_fn=None)[0]
     assert lin["memory_bytes"] == 100 + 10 * 4
+
+
+
+@pytest.mark.parametrize("scheme", ["w8a8g8", "fp8"])
+def test_lstm_converts_under_quantized_backward_schemes(scheme):
+    model = nn.ModuleDict({"lstm": nn.LSTM(8, 8), "fc": nn.Linear(8, 4)})
+    m = convert(model, scheme, first_last="same")
+    assert type(m["lstm"]).__name__ == "QLSTM"
+    out, _ = m["lstm"](torch.randn(3, 2, 8))
+    assert out.shape == (3, 2, 8)

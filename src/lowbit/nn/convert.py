@@ -309,8 +309,11 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
         if chosen.is_float:
             continue
         qcls = _SWAPPABLE[type(mod)]
+        # QLSTM has no pluggable gemm: its gates use the default product (the quantized
+        # backward of the 8-bit and FP8 schemes applies to Linear/Conv2d only).
+        gemm = "default" if qcls is QLSTM else chosen.gemm
         new = qcls.from_float(mod, weight=chosen.weight, act=chosen.act, grad=chosen.grad,
-                              gemm=chosen.gemm)
+                              gemm=gemm)
         if name:
             _set_submodule(model, name, new)
         else:  # the model itself is a Linear/Conv2d
