@@ -17,8 +17,10 @@ integer format of ``k`` bits, ``[0, 1]`` gets the ``2^k`` levels ``j / (2^k - 1)
 and ``[-1, 1]`` the ``2^k - 1`` levels ``j / (2^(k-1) - 1)`` (``intk``, zero included);
 binary/ternary formats round onto ``{-1, (0,) 1}`` (``{0, 1}`` for sigmoid gates); minifloats
 round unscaled. Nothing on these grids is ever clipped, so their straight-through gradient is
-the identity. With no specs the module computes exactly what ``nn.LSTM`` computes (to float
-rounding: the time loop runs in Python).
+the identity. With no specs the module computes what ``nn.LSTM`` computes: bit for bit the
+same as ATen's own CPU loop (``torch.backends.mkldnn`` off), to float rounding otherwise.
+Gradients flow through the quantizers by the straight-through estimator; binary/ternary LSTM
+weights are not clipped by ``lowbit.nn.clip_latent_weights`` (meant for k-bit integers here).
 
 ``lowbit.nn.convert`` swaps ``nn.LSTM`` modules for ``QLSTM`` (:meth:`QLSTM.from_float`).
 """
