@@ -1,5 +1,7 @@
-"""Integer-only arithmetic: exact references, fixed-point affine maps, requantization."""
+"""Integer-only arithmetic and inference: exact references, fixed-point affine maps,
+requantization, and integer-only models (:func:`to_integer`)."""
 
+from lowbit.integer.convert import IntegerConversionError, compare_models, to_integer
 from lowbit.integer.exact import (
     ROUNDING_MODES,
     ExactAffine,
@@ -9,6 +11,7 @@ from lowbit.integer.exact import (
     reference_outputs,
     round_fraction,
 )
+from lowbit.integer.executor import IntegerModel
 from lowbit.integer.fixed_point import (
     FixedPointAffine,
     fixed_point_affine,
@@ -28,9 +31,12 @@ __all__ = [
     "ROUNDING_MODES",
     "ExactAffine",
     "FixedPointAffine",
+    "IntegerConversionError",
+    "IntegerModel",
     "Requantizer",
     "accumulator_bounds",
     "batchnorm_affine",
+    "compare_models",
     "disagreements",
     "exact_outputs",
     "fixed_point_affine",
@@ -43,4 +49,5 @@ __all__ = [
     "requant_coefficients",
     "requantize",
     "round_fraction",
+    "to_integer",
 ]
