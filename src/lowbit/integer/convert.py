@@ -393,21 +393,24 @@ class _Converter:
         return spec, out
 
     # ------------------------------------------------------- emitting pending values
-    def emit_pending(self, p: _Pending, spec: RequantSpec, key: Any) -> str:
-        """Produce ``p``'s integers through ``spec``; returns the tensor name."""
+    def emit_pending(self, p: _Pending, spec: RequantSpec, key: Any,
+                     extra: dict[str, Any] | None = None) -> str:
+        """Produce ``p``'s integers through ``spec``; returns the tensor name. ``extra``:
+        attributes for exporters (the output grid's scale)."""
+        extra = extra or {}
         if key in p.emitted:
             return p.emitted[key]
         if isinstance(p.producer, _Deferred) and spec.input_clamp is not None:
             src, _ = self.pending_identity(p)  # the accumulator, then a clamped requant
-            name = self.emit(Node("requant", (src,), self.fresh(p.layer), p.layer, {}, None,
-                                  spec))
+            name = self.emit(Node("requant", (src,), self.fresh(p.layer), p.layer,
+                                  dict(extra), None, spec))
         elif isinstance(p.producer, _Deferred):
             d = p.producer
             name = self.emit(Node(d.op, (d.source.name,), self.fresh(d.layer), d.layer,
-                                  dict(d.attrs), d.weight, spec))
+                                  {**d.attrs, **extra}, d.weight, spec))
         else:
             name = self.emit(Node("requant", (p.producer,), self.fresh(p.layer), p.layer,
-                                  {}, None, spec))
+                                  dict(extra), None, spec))
         p.emitted[key] = name
         return name
 
@@ -422,7 +425,7 @@ class _Converter:
         a = [u * inv for u in p.unit]
         b = [o * inv for o in p.offset]
         spec = self.certified(p.layer, a, b, p.bounds, lo, hi, grid.zero_point, grid.dtype)
-        name = self.emit_pending(p, spec, ("grid", grid))
+        name = self.emit_pending(p, spec, ("grid", grid), {"output_scale": grid.scale})
         return _Quant(name, grid, lo, hi)
 
     def pending_exact(self, p: _Pending, target: Fraction | None = None
@@ -628,9 +631,9 @@ class _Converter:
                 pad = tuple(m.padding)
             attrs = {"stride": list(m.stride), "padding": list(pad),
                      "dilation": list(m.dilation), "groups": int(m.groups),
-                     "input_zero_point": v.grid.zero_point}
+                     "input_zero_point": v.grid.zero_point, "input_scale": v.grid.scale}
         else:
-            attrs = {"input_zero_point": v.grid.zero_point}
+            attrs = {"input_zero_point": v.grid.zero_point, "input_scale": v.grid.scale}
         # integers the int32 GEMM adds up: uint8 inputs enter as x - 128
         shift = 128 if v.grid.dtype == torch.uint8 else 0
         w64 = q_w.reshape(q_w.shape[0], -1).to(torch.int64)
