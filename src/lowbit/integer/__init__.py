@@ -1,7 +1,13 @@
 """Integer-only arithmetic and inference: exact references, fixed-point affine maps,
 requantization, and integer-only models (:func:`to_integer`)."""
 
-from lowbit.integer.convert import IntegerConversionError, compare_models, to_integer
+from lowbit.integer.convert import (
+    IntegerConversionError,
+    compare_models,
+    evaluate_checkpoint,
+    export_checkpoint,
+    to_integer,
+)
 from lowbit.integer.exact import (
     ROUNDING_MODES,
     ExactAffine,
@@ -17,6 +23,7 @@ from lowbit.integer.fixed_point import (
     fixed_point_affine,
     fixed_point_round,
 )
+from lowbit.integer.onnx_export import export_onnx
 from lowbit.integer.ops import (
     Requantizer,
     accumulator_bounds,
@@ -37,6 +44,9 @@ __all__ = [
     "accumulator_bounds",
     "batchnorm_affine",
     "compare_models",
+    "evaluate_checkpoint",
+    "export_checkpoint",
+    "export_onnx",
     "disagreements",
     "exact_outputs",
     "fixed_point_affine",

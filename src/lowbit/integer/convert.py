@@ -52,7 +52,8 @@ from lowbit.integer.executor import Grid, IntegerModel, Node, RequantSpec, dtype
 from lowbit.integer.fixed_point import fixed_point_affine
 from lowbit.integer.ops import Requantizer, _storage_dtype, accumulator_bounds
 
-__all__ = ["to_integer", "IntegerConversionError", "compare_models"]
+__all__ = ["to_integer", "IntegerConversionError", "compare_models", "export_checkpoint",
+           "evaluate_checkpoint"]
 
 INT64_LIMIT = 2**62
 
@@ -1077,3 +1078,64 @@ def compare_models(int_model: IntegerModel, fake_quant: nn.Module | None, data: 
         out["pred_differ_fake_quant"] = differ / max(n, 1)
         out["max_abs_logit_diff"] = worst
     return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _checkpoint_model(checkpoint: Any, overrides: Any = ()) -> tuple[nn.Module, Any]:
+    """The fake-quant model stored in a lowbit checkpoint, and its data task."""
+    from lowbit import config as config_mod
+    from lowbit.train import engine
+    from lowbit.train.checkpoint import load_checkpoint, load_model_state
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_mod.resolve(ckpt["config"], list(overrides))
+    config_mod.check_names(cfg)
+    engine.seed_everything(cfg["seed"])
+    task = engine.build_task(cfg)
+    if task.kind != "classify":
+        raise IntegerConversionError("integer models are built for image classifiers; this "
+                                     "checkpoint holds a language model")
+    model = engine.build_model(cfg, task)
+    load_model_state(model, ckpt, cfg["model"]["name"])
+    return model.eval(), task
+
+
+def export_checkpoint(checkpoint: Any, *, out: Any = None, onnx: Any = None,
+                      style: str = "integer", overrides: Any = ()) -> dict[str, Any]:
+    """Convert the model of a QAT checkpoint to an integer model and write it.
+
+    ``out``: the ``.npz`` file for :mod:`~lowbit.integer.numpy_runner` (default: beside the
+    checkpoint, ``<name>.integer.npz``); ``onnx``: also write an ONNX file in ``style``
+    (:func:`~lowbit.integer.onnx_export.export_onnx`). Returns the paths and the per-layer
+    bit accounting.
+    """
+    from pathlib import Path
+
+    from lowbit.train.checkpoint import find_checkpoint
+
+    model, task = _checkpoint_model(checkpoint, overrides)
+    x, _ = next(iter(task.eval_loader))
+    im = to_integer(model, example_input=x[:1])
+    src = find_checkpoint(checkpoint)
+    out = Path(out) if out is not None else src.with_name(src.stem + ".integer.npz")
+    result: dict[str, Any] = {"npz": str(im.save(out)), "summary": im.summary(),
+                              "summary_markdown": im.summary_markdown()}
+    if onnx is not None:
+        from lowbit.integer.onnx_export import export_onnx
+
+        result["onnx"] = str(export_onnx(im, onnx, style=style))
+    return result
+
+
+def evaluate_checkpoint(checkpoint: Any, overrides: Any = ()) -> dict[str, Any]:
+    """Evaluate the integer model of a checkpoint on its evaluation split, beside the
+    fake-quant model and the simulation (``lowbit eval CHECKPOINT integer=true``)."""
+    model, task = _checkpoint_model(checkpoint, overrides)
+    x, _ = next(iter(task.eval_loader))
+    im = to_integer(model, example_input=x[:1])
+    r = compare_models(im, model, task.eval_loader)
+    return {"checkpoint": str(checkpoint), "images": r["images"],
+            "val_top1": r["top1_integer"], "val_top1_fake_quant": r["top1_fake_quant"],
+            "val_top1_simulation": r["top1_simulation"],
+            "simulation_mismatches": r["sim_mismatch_elements"],
+            "predictions_differing_from_fake_quant": r["pred_differ_fake_quant"]}
