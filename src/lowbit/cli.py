@@ -6,6 +6,7 @@
     lowbit eval CHECKPOINT [key=value ...]
     lowbit recipes
     lowbit summary RECIPE [key=value ...]
+    lowbit export CHECKPOINT [--out PATH] [--onnx PATH] [--style integer|qoperator] [key=value]
 
 ``lowbit train`` with no recipe runs the default: a small CNN on scikit-learn's digits, trained
 in FP32 and as W8A8 QAT, and prints both accuracies side by side. A user error (unknown recipe or
@@ -56,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the recipes, one line each")
     s = sub.add_parser("summary", help="per-layer formats and memory of a recipe's model")
     s.add_argument("items", nargs="+", metavar="RECIPE [key=value]")
+    x = sub.add_parser("export", help="write a checkpoint's integer-only model (.npz, ONNX)",
+                       description="Convert the quantized model in CHECKPOINT to an integer-only "
+                                   "model; write it for the NumPy runner and optionally ONNX.")
+    x.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pt file or a run folder")
+    x.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.root=/data")
+    x.add_argument("--out", default=None, metavar="PATH",
+                   help="the .npz file (default: <checkpoint>.integer.npz)")
+    x.add_argument("--onnx", default=None, metavar="PATH", help="also write an ONNX file")
+    x.add_argument("--style", default="integer", choices=["integer", "qoperator"],
+                   help="ONNX operators: integer (bit-exact) or qoperator (QLinearConv)")
     return p
 
 
@@ -148,7 +159,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train import engine
 
     _, overrides = _split_items(["-", *args.overrides])
-    m = engine.evaluate(args.checkpoint, overrides)
+    integer = [o for o in overrides if o.split("=", 1)[0] == "integer"]
+    overrides = [o for o in overrides if o not in integer]
+    if integer and integer[-1].split("=", 1)[1].strip().lower() in ("true", "1", "yes"):
+        from .integer import evaluate_checkpoint
+
+        m = evaluate_checkpoint(args.checkpoint, overrides)  # the integer-only model
+    else:
+        m = engine.evaluate(args.checkpoint, overrides)
     rows = [[k, _fmt(v, pct=k in ("val_top1", "val_top5"))] for k, v in m.items()]
     print(_table(["metric", "value"], rows))
     return 0
@@ -185,8 +203,19 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .integer import export_checkpoint
+
+    _, overrides = _split_items(["-", *args.overrides])
+    r = export_checkpoint(args.checkpoint, out=args.out, onnx=args.onnx, style=args.style,
+                          overrides=overrides)
+    print(r["summary_markdown"])
+    print("\n".join(f"wrote {r[k]}" for k in ("npz", "onnx") if k in r))
+    return 0
+
+
 _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "recipes": cmd_recipes,
-             "summary": cmd_summary}
+             "summary": cmd_summary, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
