@@ -552,3 +552,50 @@ def test_summary_bit_accounting(resnet20):
     assert "| conv1 |" in im.summary_markdown()
     assert math.isfinite(sum(r["M_bits"] for r in rows))
     assert copy.deepcopy(im).summary() == rows
+
+
+# ------------------------------------------------------------------------------ checkpoints
+@pytest.fixture(scope="module")
+def qat_checkpoint(tmp_path_factory):
+    from lowbit.cli import main
+
+    out = tmp_path_factory.mktemp("digits_w8a8")
+    assert main(["train", "digits", "variant=w8a8", "epochs=1", "progress=false",
+                 "data.limit=300", "--out", str(out)]) == 0
+    return out / "w8a8"
+
+
+def test_export_checkpoint_and_cli(qat_checkpoint, tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.integer import evaluate_checkpoint, numpy_runner
+
+    r = evaluate_checkpoint(qat_checkpoint)
+    assert r["images"] == 360 and r["simulation_mismatches"] == 0
+    assert r["predictions_differing_from_fake_quant"] <= 0.01
+    args = ["export", str(qat_checkpoint), "--out", str(tmp_path / "m.npz")]
+    if importlib.util.find_spec("onnx") is not None:
+        args += ["--onnx", str(tmp_path / "m.onnx")]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "| 0 | conv2d |" in text and "wrote" in text
+    nm = numpy_runner.load(tmp_path / "m.npz")
+    from lowbit.data import get_dataset
+
+    x = (get_dataset("digits", split="test").images[:40].float() / 255.0 - 0.30543) / 0.37596
+    assert nm(x.numpy()).shape == (40, 10)
+    assert main(["eval", str(qat_checkpoint), "integer=true"]) == 0
+    text = capsys.readouterr().out
+    assert "simulation_mismatches" in text and "val_top1_fake_quant" in text
+
+
+def test_cli_export_of_a_float_checkpoint_is_one_clear_error(tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "digits", "variant=fp32", "epochs=1", "progress=false",
+                 "data.limit=100", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out / "fp32")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no quantized layers" in err[0]
+    assert not list((out / "fp32").glob("*.npz"))
