@@ -380,6 +380,25 @@ def test_aciq_beats_minmax_at_4_bits(distribution, axis):
     assert errs["mse"] <= 1.002 * min(errs.values())
 
 
+@pytest.mark.parametrize("half_range", [False, True])
+def test_aciq_picks_lowest_sample_mse_on_heavy_tails(half_range):
+    # Student-t with 2 degrees of freedom: tails far heavier than Laplace
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(12, 4096, generator=g)
+    chi2 = torch.randn(12, 4096, 2, generator=g).pow(2).sum(-1)
+    x = z / (chi2 / 2).sqrt() * torch.linspace(0.2, 2.0, 12).reshape(-1, 1)
+    if half_range:
+        x = x.clamp(min=0)
+    s = Stats.from_tensor(x, axis=0)
+    chosen = clip_range(s, 4, "aciq")
+    err = lambda c: (c.quantize(x, axis=0) - x).pow(2).double().mean(1)  # noqa: E731
+    e = err(chosen)
+    for other in ("minmax", "aciq_laplace", "aciq_gaussian"):
+        assert bool((e <= err(clip_range(s, 4, other)) + 1e-12).all()), other
+    assert set(chosen.prior) <= {"laplace", "gaussian", "minmax"}
+    assert "gaussian" not in chosen.prior  # a Gaussian prior is never the best for these tails
+
+
 def test_clip_ranges_and_half_range_detection():
     x = laplace_samples(50_000, seed=7, dtype=torch.float32).reshape(1, -1)
     s = Stats.from_tensor(x)

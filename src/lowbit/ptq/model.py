@@ -179,7 +179,7 @@ class PTQReport:
             "Weight and activation SQNR (dB) after each method, in the order applied "
             "(naive = min/max, uniform bits; weights per output channel).",
             "",
-            "| layer | W bits | A bits | W clip | A clip (prior) | A clip / max | "
+            "| layer | W bits | A bits | W clip | A clip (choice per channel) | A clip / max | "
             "W SQNR naive → clip → alloc → bias-corr | A SQNR naive → clip → alloc |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -239,7 +239,7 @@ def _stages(x: Tensor, outs: Mapping[str, Tensor]) -> tuple[dict, dict]:
 def _prior_counts(clip: ClipRange) -> dict[str, int] | None:
     if clip.prior is None:
         return None
-    return {p: clip.prior.count(p) for p in ("laplace", "gaussian") if p in clip.prior}
+    return {p: clip.prior.count(p) for p in ("laplace", "gaussian", "minmax") if p in clip.prior}
 
 
 def _allocate(clip: ClipRange, stats: Stats, avg_bits: int, method: str,
