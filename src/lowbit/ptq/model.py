@@ -329,7 +329,7 @@ def quantize_model(
     per_channel_acts: bool = True,
     per_channel_weights: bool = True,
     num_samples: int = 512,
-    max_samples: int = 2048,
+    max_samples: int = 1024,
     percentile: float = 99.99,
     inplace: bool = False,
 ) -> tuple[nn.Module, PTQReport]:
@@ -410,8 +410,8 @@ def quantize_model(
                        else calib[name].per_tensor())
             aq, arow = _plan_act(a_stats, ab, layer_aclip, alloc, act_axis, percentile)
         q = (QConv2d if conv else QLinear).from_float(mod)
-        q.weight_quant = wq
-        q.act_quant = aq
+        q.weight_quant = wq.to(mod.weight.device)
+        q.act_quant = aq.to(mod.weight.device)
         _set_submodule(m, name, q)
         rows.append({"layer": name, "type": type(q).__name__, "first_last": edge, **wrow,
                      **arow})

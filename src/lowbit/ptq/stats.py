@@ -11,15 +11,16 @@ For every row we keep what the clipping methods need:
   statistics manager, the average over batches of |x - batch mean| (each batch's own mean).
   The per-tensor b of a per-channel accumulator is estimated from the sample below, about
   the exact overall mean;
-* a uniform random sample of up to ``max_samples`` values per row (reservoir sampling of whole
-  columns, so every channel keeps the same positions), used by the percentile and MSE-search
-  methods and by the reports.
+* a uniform random sample of up to ``max_samples`` values per row (a reservoir of whole
+  columns, so every channel keeps the same positions), used by the percentile, MSE-search and
+  ACIQ-choice methods and by the reports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,6 +73,7 @@ class RunningStats:
         self.axis = axis
         self.max_samples = int(max_samples)
         self._gen = torch.Generator().manual_seed(seed)
+        self._np_gen = np.random.default_rng(seed)
         self.n = 0  # values per row seen so far
         self.batches = 0
         self.items = 0  # entries along dim 0 of the batches (inputs, for NCHW / NF tensors)
@@ -91,7 +93,7 @@ class RunningStats:
 
     def _update(self, x: Tensor, axis: int | None) -> None:
         """Accumulate one batch; reductions run over every dim but ``axis`` in place (no
-        transposed copy), in float32 with float64 accumulators."""
+        transposed copy), in float32 with float64 accumulators kept on the CPU."""
         if axis is None:
             x = x.reshape(1, -1)
             axis = 0
@@ -115,17 +117,18 @@ class RunningStats:
         sumsq = (var32.to(f64) + mean * mean) * cols
         mn = x.amin(dims).to(f64)
         mx = x.amax(dims).to(f64)
-        npos = (x > 0).sum(dims).to(f64)
+        mean, s, sumsq, mn, mx = (t.cpu() for t in (mean, s, sumsq, mn, mx))
+        npos = (x > 0).sum(dims).to(f64).cpu()
         if bool((mn >= 0).all()):  # non-negative (post-ReLU): the positive part is x itself
             sumpos, sumsqpos = s, sumsq
         else:
             pos = x.clamp(min=0.0)
-            sumpos = pos.sum(dims, dtype=f64)
-            sumsqpos = pos.mul_(pos).sum(dims, dtype=f64)
+            sumpos = pos.sum(dims, dtype=f64).cpu()
+            sumsqpos = pos.mul_(pos).sum(dims, dtype=f64).cpu()
         parts = {
             "_sum": s,
             "_sumsq": sumsq,
-            "_absdev": (x - mean32.reshape(keep)).abs_().sum(dims, dtype=f64),
+            "_absdev": (x - mean32.reshape(keep)).abs_().sum(dims, dtype=f64).cpu(),
             "_npos": npos,
             "_sumpos": sumpos,
             "_sumsqpos": sumsqpos,
@@ -145,13 +148,20 @@ class RunningStats:
 
     def _columns(self, x: Tensor, axis: int, idx: Tensor) -> Tensor:
         """Columns ``idx`` (flat indices over the other dims, in order) as [rows, len(idx)]."""
-        moved = x.movedim(axis, -1)  # a view
-        other = moved.shape[:-1]
-        multi = torch.unravel_index(idx.to(x.device), other)
-        return moved[multi].t().to(torch.float32).cpu()
+        lead = x.shape[:axis]
+        x3 = x.reshape(int(torch.tensor(lead).prod()) if lead else 1, x.shape[axis], -1)
+        i, j = torch.unravel_index(idx.to(x.device), (x3.shape[0], x3.shape[2]))
+        return x3[i, :, j].t().to(torch.float32).cpu()
 
     def _sample_columns(self, x: Tensor, axis: int, m: int) -> None:
-        """Reservoir sampling (algorithm R) of columns, vectorised per batch."""
+        """Keep a uniform random sample (without replacement) of the columns seen so far.
+
+        Once the sample holds ``k`` columns, a batch of ``m`` new columns after ``n`` old ones
+        contributes j ~ Hypergeometric(n + m, m, k) uniformly chosen columns, which replace j
+        uniformly chosen slots: a uniform k-subset of the old columns thinned uniformly plus
+        a uniform subset of the new ones is a uniform k-subset of all of them. O(k) work per
+        batch, independent of the batch size.
+        """
         k = self.max_samples
         have = 0 if self._reservoir is None else self._reservoir.shape[1]
         take = min(m, k - have)
@@ -159,22 +169,16 @@ class RunningStats:
             head = self._columns(x, axis, torch.arange(take))
             self._reservoir = head if self._reservoir is None else torch.cat(
                 [self._reservoir, head], 1)
-        if take == m:
+        rest = m - take
+        if rest == 0:
             return
-        # columns take..m-1 have global indices n+take .. n+m-1; each replaces a uniform slot
-        # in [0, index] when that slot is < k; a later column wins over an earlier one
-        idx = torch.arange(self.n + take, self.n + m, dtype=torch.float64)
-        slot = torch.floor(torch.rand(idx.shape, generator=self._gen, dtype=torch.float64)
-                           * (idx + 1)).to(torch.int64)
-        keep = slot < k
-        if not keep.any():
+        old = self.n + take
+        j = int(self._np_gen.hypergeometric(rest, old, k))
+        if j == 0:
             return
-        cols = torch.arange(take, m)[keep]
-        slot = slot[keep]
-        owner = torch.full((k,), -1, dtype=torch.int64)
-        owner.scatter_reduce_(0, slot, cols, reduce="amax")
-        hit = owner >= 0
-        self._reservoir[:, hit] = self._columns(x, axis, owner[hit])
+        slots = torch.randperm(k, generator=self._gen)[:j]
+        cols = take + torch.randperm(rest, generator=self._gen)[:j]
+        self._reservoir[:, slots] = self._columns(x, axis, cols)
 
     def _finish(self, per_tensor: bool) -> Stats:
         if self._sum is None:
