@@ -599,3 +599,50 @@ def test_cli_export_of_a_float_checkpoint_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no quantized layers" in err[0]
     assert not list((out / "fp32").glob("*.npz"))
+
+
+# ------------------------------------------------------------------ compiled channels-last path
+def test_compiled_fast_path_matches_torch_kernels(resnet20):
+    from lowbit.integer.executor import _fused_extension, _ResidualGroup
+
+    if _fused_extension() is None:
+        pytest.skip("the compiled kernels could not be built here")
+    im = resnet20[1]
+    steps, _ = im._fused_plan()
+    assert sum(isinstance(g, _ResidualGroup) for _, g in steps) == 9  # every residual block
+    assert all(g is not None for n, g in steps if n.op == "conv2d")
+    for bs in (1, 5):
+        q = im.quantize_input(torch.randn(bs, 3, 32, 32))
+        assert torch.equal(im.run_integer(q, backend="auto"), im.run_integer(q, backend="torch"))
+
+
+@pytest.mark.parametrize("in_dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("geometry", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (3, 1, 2, 2),
+                                      (5, 2, 0, 1)])
+def test_channels_last_conv_kernel(in_dtype, geometry):
+    from lowbit.integer.executor import Node, RequantSpec, _FastConv, _fused_extension
+    from lowbit.integer.ops import int_conv2d, make_requantizer
+
+    if _fused_extension() is None:
+        pytest.skip("the compiled kernels could not be built here")
+    k, stride, pad, dil = geometry
+    rng = np.random.default_rng(sum(geometry))
+    lo, hi = (0, 255) if in_dtype == "uint8" else (-128, 127)
+    z = int(rng.integers(lo, hi + 1))
+    w = torch.tensor(rng.integers(-127, 128, (6, 3, k, k)), dtype=torch.int8)
+    a = [Fraction(float(v)) for v in rng.uniform(-3e-4, 3e-4, 6)]
+    b = [Fraction(float(v)) for v in rng.uniform(-20, 20, 6)]
+    for out_range, zp in (((0, 255), 7), ((-128, 127), 0), ((-(2**20), 2**20), 0)):
+        rq, fp = make_requantizer(w, a, b, input_range=(lo, hi), input_zero_point=z,
+                                  output_range=out_range, output_zero_point=zp)
+        spec = RequantSpec(tuple(a), tuple(b), 0, zp, *out_range, "half_even",
+                           fp.input_ranges, rq, fp)
+        attrs = {"stride": [stride, stride], "padding": [pad, pad], "dilation": [dil, dil],
+                 "groups": 1, "input_zero_point": z}
+        node = Node("conv2d", ("x",), "y", "c", attrs, w, spec)
+        x = torch.tensor(rng.integers(lo, hi + 1, (2, 3, 11, 9)),
+                         dtype=getattr(torch, in_dtype))
+        fast = _FastConv(node, x.dtype).run(x, "auto")
+        ref = int_conv2d(x, w, rq, input_zero_point=z, stride=stride, padding=pad,
+                         dilation=dil, backend="torch")
+        assert fast.dtype == ref.dtype and torch.equal(fast, ref)

@@ -294,16 +294,66 @@ class IntegerModel:
             raise TypeError(f"q must be an integer tensor (see quantize_input), got {q.dtype}")
         env: dict[str, Tensor] = {self.nodes[0].output: q}
         keep: dict[str, Tensor] = {}
-        for i in range(1, len(self.nodes) - 1):
-            n = self.nodes[i]
-            x = [env[v] for v in n.inputs]
-            env[n.output] = self._run_node(n, x, backend)
+        if return_values or backend == "torch" or _fused_extension() is None:
+            steps, free = [(n, None) for n in self.nodes[1:-1]], None
+        else:
+            steps, free = self._fused_plan()
+        for i, (n, fast) in enumerate(steps):
+            if isinstance(fast, _ResidualGroup):
+                env[n.output] = fast.run(env, backend)
+            elif fast is not None:
+                env[n.output] = fast.run(env[n.inputs[0]], backend)
+            else:
+                env[n.output] = self._run_node(n, [env[v] for v in n.inputs], backend)
             if return_values:
                 keep[n.output] = env[n.output]
-            for v in self._free_after[i]:
+            for v in (self._free_after[i + 1] if free is None else free[i]):
                 env.pop(v, None)
         out = env[self.nodes[-1].inputs[0]]
         return (out, keep) if return_values else out
+
+    def value_dtypes(self) -> dict[str, torch.dtype]:
+        """The integer type of every tensor of the program."""
+        dt: dict[str, torch.dtype] = {self.nodes[0].output: _DTYPES[self.nodes[0].attrs["dtype"]]}
+        for n in self.nodes[1:-1]:
+            if n.requant is not None:
+                dt[n.output] = n.requant.requantizer.dtype
+            elif n.op == "add":
+                dt[n.output] = _DTYPES[n.attrs["dtype"]]
+            elif n.op == "sum_pool2d":
+                dt[n.output] = torch.int64
+            else:
+                dt[n.output] = dt[n.inputs[0]]
+        return dt
+
+    def _fused_plan(self) -> tuple[list, list]:
+        """Steps with each residual pattern (branch conv in accumulator units, shortcut
+        requantization, add, requantization to 8 bits) replaced by one fused kernel call."""
+        if getattr(self, "_plan_cache", None) is not None:
+            return self._plan_cache
+        dtypes = self.value_dtypes()
+        groups = _find_residual_groups(self.nodes, dtypes)
+        skip = {id(n) for g in groups for n in (g.conv.node, g.shortcut, g.add)}
+        at_final: dict[int, Any] = {id(g.final): g for g in groups}
+        steps = []
+        for n in self.nodes[1:-1]:
+            if id(n) in skip:
+                continue
+            g = at_final.get(id(n)) or _fast_conv(n, dtypes)
+            steps.append((n, g))
+        last: dict[str, int] = {}
+        for i, (n, g) in enumerate(steps):
+            for v in (g.inputs if isinstance(g, _ResidualGroup) else n.inputs):
+                last[v] = i
+        last[self.nodes[-1].inputs[0]] = len(steps)
+        free = [[v for v, j in last.items() if j == i] for i in range(len(steps))]
+        self._plan_cache = (steps, free)
+        return self._plan_cache
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_plan_cache", None)
+        return state
 
     def _run_node(self, n: Node, x: list[Tensor], backend: str) -> Tensor:
         a = n.attrs
@@ -329,9 +379,15 @@ class IntegerModel:
         if op == "flatten":
             return torch.flatten(x[0], a["start_dim"], a["end_dim"])
         if op == "slice":
-            return x[0][_slices(a)].contiguous()
+            y = x[0][_slices(a)]
+            cl = y.dim() == 4 and x[0].is_contiguous(memory_format=torch.channels_last)
+            return y.contiguous(memory_format=torch.channels_last if cl else
+                                torch.contiguous_format)
         if op == "pad":
-            return F.pad(x[0], tuple(a["pad"]), value=a["value"])
+            y = F.pad(x[0], tuple(a["pad"]), value=a["value"])
+            if y.dim() == 4 and x[0].is_contiguous(memory_format=torch.channels_last):
+                y = y.contiguous(memory_format=torch.channels_last)
+            return y
         if op == "clamp":
             return x[0].clamp(a["lo"], a["hi"])
         raise ValueError(f"node {n.name!r}: op {op!r} is not an integer operation")
@@ -465,6 +521,366 @@ class IntegerModel:
             ops[n.op] = ops.get(n.op, 0) + 1
         body = ", ".join(f"{k}={v}" for k, v in ops.items())
         return f"IntegerModel(input_shape={self.input_shape}, {body})"
+
+
+# ------------------------------------------------------------ channels-last compiled path
+_FAST_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+// compiled for AVX-512 and AVX2 next to the baseline, chosen at load time
+#define LOWBIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// rows [b, e) of the NHWC im2col: column (i*KW + j)*C + c; uint8 values become x - 128
+LOWBIT_CLONES
+static void im2col_rows(const uint8_t* in, int8_t* out, int64_t b, int64_t e, int64_t H,
+                        int64_t W, int64_t C, int64_t OH, int64_t OW, int64_t kh, int64_t kw,
+                        int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                        int8_t padv, bool flip) {
+  const int64_t K = kh * kw * C;
+  const uint8_t fx = flip ? 0x80 : 0x00;
+  for (int64_t t = b; t < e; ++t) {
+    const int64_t n = t / OH, oh = t % OH;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      int8_t* dst = out + (t * OW + ow) * K;
+      const int64_t w0 = ow * sw - pw;
+      const bool inside = dw == 1 && w0 >= 0 && w0 + kw <= W;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t h = oh * sh - ph + i * dh;
+        if (h < 0 || h >= H) {
+          std::memset(dst, padv, kw * C);
+          dst += kw * C;
+          continue;
+        }
+        const uint8_t* row = in + ((n * H + h) * W) * C;
+        if (inside) {  // kw neighbouring pixels: one contiguous run of kw*C bytes
+          const uint8_t* src = row + w0 * C;
+          for (int64_t c = 0; c < kw * C; ++c) dst[c] = static_cast<int8_t>(src[c] ^ fx);
+          dst += kw * C;
+          continue;
+        }
+        for (int64_t j = 0; j < kw; ++j, dst += C) {
+          const int64_t w = w0 + j * dw;
+          if (w < 0 || w >= W) { std::memset(dst, padv, C); continue; }
+          const uint8_t* src = row + w * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<int8_t>(src[c] ^ fx);
+        }
+      }
+    }
+  }
+}
+
+torch::Tensor im2col_nhwc(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                          int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t pad) {
+  TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 4 &&
+              x.is_contiguous(), "x must be a contiguous NHWC int8/uint8 tensor");
+  const bool flip = x.dtype() == torch::kUInt8;
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  auto cols = torch::empty({N * OH * OW, kh * kw * C}, x.options().dtype(torch::kInt8));
+  const uint8_t* in = reinterpret_cast<const uint8_t*>(x.data_ptr());
+  int8_t* out = cols.data_ptr<int8_t>();
+  at::parallel_for(0, N * OH, 1, [&](int64_t b, int64_t e) {
+    im2col_rows(in, out, b, e, H, W, C, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw,
+                static_cast<int8_t>(pad), flip);
+  });
+  return cols;
+}
+
+// the fixed-point rule on rows of int64 values x (channels along the row)
+#define LOWBIT_RULE(x, o)                                                       \
+  const int64_t v = (x) * mul[o] + off[o];                                      \
+  const int64_t k = sh[o];                                                      \
+  int64_t q = v >> k;                                                           \
+  q -= static_cast<int64_t>((v & ((int64_t(1) << k) - 1)) < win[o]) & (q & 1); \
+  q += zp;                                                                      \
+  q = q < qmin ? qmin : q;                                                      \
+  q = q > qmax ? qmax : q;
+
+// requantization of [R, O] int32 accumulators minus zs per channel
+#define LOWBIT_ROWS(NAME, OUT)                                                              \
+  LOWBIT_CLONES static void NAME(const int32_t* acc, OUT* out, int64_t R, int64_t O,         \
+                                 const int64_t* zs, const int64_t* mul, const int64_t* off, \
+                                 const int64_t* sh, const int64_t* win, int64_t zp,         \
+                                 int64_t qmin, int64_t qmax) {                              \
+    for (int64_t r = 0; r < R; ++r) {                                                       \
+      const int32_t* a = acc + r * O;                                                       \
+      OUT* y = out + r * O;                                                                 \
+      for (int64_t o = 0; o < O; ++o) {                                                     \
+        LOWBIT_RULE(int64_t(a[o]) - zs[o], o)                                               \
+        y[o] = static_cast<OUT>(q);                                                         \
+      }                                                                                     \
+    }                                                                                       \
+  }
+LOWBIT_ROWS(rows_i8, int8_t)
+LOWBIT_ROWS(rows_u8, uint8_t)
+LOWBIT_ROWS(rows_i32, int32_t)
+
+// residual: x = G·(acc - zs) + lut[o][s], clamped per channel, then the rule
+#define LOWBIT_RES(NAME, OUT, IN)                                                             \
+  LOWBIT_CLONES static void NAME(const int32_t* acc, const IN* sc, OUT* out, int64_t R,        \
+                                 int64_t O, const int64_t* zs, const int64_t* g,              \
+                                 const int64_t* lut, const int64_t* clo, const int64_t* chi,  \
+                                 const int64_t* mul, const int64_t* off, const int64_t* sh,   \
+                                 const int64_t* win, int64_t zp, int64_t qmin, int64_t qmax) { \
+    for (int64_t r = 0; r < R; ++r) {                                                         \
+      const int32_t* a = acc + r * O;                                                         \
+      const IN* s = sc + r * O;                                                               \
+      OUT* y = out + r * O;                                                                   \
+      for (int64_t o = 0; o < O; ++o) {                                                       \
+        int64_t x = g[o] * (int64_t(a[o]) - zs[o]) + lut[o * 256 + int64_t(s[o])];           \
+        x = x < clo[o] ? clo[o] : (x > chi[o] ? chi[o] : x);                                  \
+        LOWBIT_RULE(x, o)                                                                     \
+        y[o] = static_cast<OUT>(q);                                                           \
+      }                                                                                       \
+    }                                                                                         \
+  }
+LOWBIT_RES(res_i8_u8, int8_t, uint8_t)
+LOWBIT_RES(res_u8_u8, uint8_t, uint8_t)
+LOWBIT_RES(res_i32_u8, int32_t, uint8_t)
+LOWBIT_RES(res_i8_i8, int8_t, int8_t)
+LOWBIT_RES(res_u8_i8, uint8_t, int8_t)
+LOWBIT_RES(res_i32_i8, int32_t, int8_t)
+
+static torch::ScalarType out_type(int64_t kind) {  // 0 int8, 1 uint8, 2 int32
+  return kind == 1 ? torch::kUInt8 : (kind == 2 ? torch::kInt32 : torch::kInt8);
+}
+
+torch::Tensor requant_rows(torch::Tensor acc, torch::Tensor zs, torch::Tensor mul,
+                           torch::Tensor off, torch::Tensor sh, torch::Tensor win, int64_t zp,
+                           int64_t qmin, int64_t qmax, int64_t out_kind) {
+  TORCH_CHECK(acc.dtype() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
+              "acc must be a contiguous [R, O] int32 tensor");
+  const int64_t R = acc.size(0), O = acc.size(1);
+  auto out = torch::empty(acc.sizes(), acc.options().dtype(out_type(out_kind)));
+  const int32_t* a = acc.data_ptr<int32_t>();
+  const int64_t *z = zs.data_ptr<int64_t>(), *m = mul.data_ptr<int64_t>(),
+                *f = off.data_ptr<int64_t>(), *k = sh.data_ptr<int64_t>(),
+                *w = win.data_ptr<int64_t>();
+  at::parallel_for(0, R, 256, [&](int64_t b, int64_t e) {
+    if (out_kind == 1)
+      rows_u8(a + b * O, out.data_ptr<uint8_t>() + b * O, e - b, O, z, m, f, k, w, zp, qmin, qmax);
+    else if (out_kind == 2)
+      rows_i32(a + b * O, out.data_ptr<int32_t>() + b * O, e - b, O, z, m, f, k, w, zp, qmin, qmax);
+    else
+      rows_i8(a + b * O, out.data_ptr<int8_t>() + b * O, e - b, O, z, m, f, k, w, zp, qmin, qmax);
+  });
+  return out;
+}
+
+torch::Tensor residual_requant(torch::Tensor acc, torch::Tensor zs, torch::Tensor g,
+                               torch::Tensor sc, torch::Tensor lut, torch::Tensor clo,
+                               torch::Tensor chi, torch::Tensor mul, torch::Tensor off,
+                               torch::Tensor sh, torch::Tensor win, int64_t zp, int64_t qmin,
+                               int64_t qmax, int64_t out_kind) {
+  TORCH_CHECK(acc.dtype() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
+              "acc must be a contiguous [R, O] int32 tensor");
+  TORCH_CHECK((sc.dtype() == torch::kUInt8 || sc.dtype() == torch::kInt8) &&
+              sc.is_contiguous() && sc.sizes() == acc.sizes(),
+              "the shortcut must be a contiguous 8-bit tensor shaped like acc");
+  const int64_t R = acc.size(0), O = acc.size(1);
+  TORCH_CHECK(lut.dtype() == torch::kInt64 && lut.size(0) == O && lut.size(1) == 256 &&
+              clo.numel() == O && chi.numel() == O, "lut [O, 256], clamps [O]");
+  auto out = torch::empty(acc.sizes(), acc.options().dtype(out_type(out_kind)));
+  const bool su = sc.dtype() == torch::kUInt8;
+  const int32_t* a = acc.data_ptr<int32_t>();
+  const int64_t *z = zs.data_ptr<int64_t>(), *gg = g.data_ptr<int64_t>(),
+                *lt = lut.data_ptr<int64_t>() + (su ? 0 : 128), *cl = clo.data_ptr<int64_t>(),
+                *ch = chi.data_ptr<int64_t>(), *m = mul.data_ptr<int64_t>(),
+                *f = off.data_ptr<int64_t>(), *k = sh.data_ptr<int64_t>(),
+                *w = win.data_ptr<int64_t>();
+  at::parallel_for(0, R, 256, [&](int64_t b, int64_t e) {
+#define LOWBIT_CALL(FN, OUT, IN)                                                          \
+    FN(a + b * O, sc.data_ptr<IN>() + b * O, out.data_ptr<OUT>() + b * O, e - b, O, z, gg, \
+       lt, cl, ch, m, f, k, w, zp, qmin, qmax)
+    if (su) {
+      if (out_kind == 1) LOWBIT_CALL(res_u8_u8, uint8_t, uint8_t);
+      else if (out_kind == 2) LOWBIT_CALL(res_i32_u8, int32_t, uint8_t);
+      else LOWBIT_CALL(res_i8_u8, int8_t, uint8_t);
+    } else {
+      if (out_kind == 1) LOWBIT_CALL(res_u8_i8, uint8_t, int8_t);
+      else if (out_kind == 2) LOWBIT_CALL(res_i32_i8, int32_t, int8_t);
+      else LOWBIT_CALL(res_i8_i8, int8_t, int8_t);
+    }
+#undef LOWBIT_CALL
+  });
+  return out;
+}
+"""
+
+_FAST_DECL = r"""
+torch::Tensor im2col_nhwc(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                          int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t pad);
+torch::Tensor requant_rows(torch::Tensor acc, torch::Tensor zs, torch::Tensor mul,
+                           torch::Tensor off, torch::Tensor sh, torch::Tensor win, int64_t zp,
+                           int64_t qmin, int64_t qmax, int64_t out_kind);
+torch::Tensor residual_requant(torch::Tensor acc, torch::Tensor zs, torch::Tensor g,
+                               torch::Tensor sc, torch::Tensor lut, torch::Tensor clo,
+                               torch::Tensor chi, torch::Tensor mul, torch::Tensor off,
+                               torch::Tensor sh, torch::Tensor win, int64_t zp, int64_t qmin,
+                               int64_t qmax, int64_t out_kind);
+"""
+
+_fast_state: dict[str, Any] = {}
+
+
+def _fused_extension() -> Any:
+    """The compiled channels-last kernels (built on first use), or None: disabled with
+    ``LOWBIT_NO_EXT=1``, no compiler, or the base integer kernels unavailable."""
+    from lowbit.integer import _ext
+
+    if _ext.disabled() or _ext.extension() is None:
+        return None
+    if "mod" not in _fast_state:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _fast_state["mod"] = load_inline(
+                name="lowbit_integer_nhwc_v2", cpp_sources=[_FAST_DECL + _FAST_SOURCE],
+                functions=["im2col_nhwc", "requant_rows", "residual_requant"],
+                extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
+                verbose=False)
+        except Exception as err:  # no compiler, ...: the node-by-node torch path is used
+            import warnings
+
+            warnings.warn(f"lowbit.integer: channels-last kernels unavailable ({err}); running "
+                          "node by node", RuntimeWarning, stacklevel=2)
+            _fast_state["mod"] = None
+    return _fast_state["mod"]
+
+
+class _FastConv:
+    """A conv2d node on channels-last integers: NHWC im2col, ``_int_mm`` giving ``[rows, O]``
+    accumulators (already NHWC), requantization along the last dim. Same integers as
+    :func:`~lowbit.integer.ops.int_conv2d`."""
+
+    def __init__(self, n: Node, in_dtype: torch.dtype) -> None:
+        self.node = n
+        w = n.weight
+        self.wt = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).t().contiguous()  # [K, O]
+        a = n.attrs
+        self.z8 = a["input_zero_point"] - (128 if in_dtype == torch.uint8 else 0)
+        self.zs = self.z8 * w.reshape(w.shape[0], -1).to(torch.int64).sum(1)
+
+    def accumulate(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        a = self.node.attrs
+        kh, kw = self.node.weight.shape[2:]
+        xh = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        cols = _fused_extension().im2col_nhwc(xh, kh, kw, *a["stride"], *a["padding"],
+                                              *a["dilation"], self.z8)
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return torch._int_mm(cols, self.wt), (n, oh, ow)
+
+    def run(self, x: Tensor, backend: str) -> Tensor:
+        acc, (n, oh, ow) = self.accumulate(x)
+        r = self.node.requant.requantizer
+        if r.dtype in _OUT_KINDS:
+            y = _fused_extension().requant_rows(acc, self.zs, r.multiplier, r.offset, r.shift,
+                                                r.window, r.zero_point, r.qmin, r.qmax,
+                                                _OUT_KINDS[r.dtype])
+        else:
+            y = r(acc, dim=-1, backend="torch", acc_offset=self.zs)
+        return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+
+
+@dataclass
+class _ResidualGroup:
+    """``final(add(conv(x) [exact gain G], shortcut(s)))`` as one kernel; same integers.
+
+    The shortcut's requantization runs as a table over its 256 byte values (the same integer
+    rule, evaluated once); ``final`` writes int8/uint8 (the next layer's grid) or int32 (the
+    fine grid before pooling).
+    """
+
+    conv: _FastConv
+    shortcut: Node
+    add: Node
+    final: Node
+    gain: Tensor
+    lut: Tensor
+    clamp: tuple[Tensor, Tensor]
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.conv.node.inputs[0], self.shortcut.inputs[0]]
+
+    def run(self, env: dict[str, Tensor], backend: str) -> Tensor:
+        x, s = env[self.conv.node.inputs[0]], env[self.shortcut.inputs[0]]
+        acc, (n, oh, ow) = self.conv.accumulate(x)
+        sc = s.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        r = self.final.requant.requantizer
+        y = _fused_extension().residual_requant(
+            acc, self.conv.zs, self.gain, sc.reshape(acc.shape), self.lut, self.clamp[0],
+            self.clamp[1], r.multiplier, r.offset, r.shift, r.window, r.zero_point, r.qmin,
+            r.qmax, _OUT_KINDS[r.dtype])
+        return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+
+_OUT_KINDS = {torch.int8: 0, torch.uint8: 1, torch.int32: 2}
+
+
+def _fast_conv(n: Node, dtypes: dict[str, torch.dtype]) -> _FastConv | None:
+    if n.op != "conv2d" or n.attrs["groups"] != 1 or dtypes[n.inputs[0]] not in (
+            torch.int8, torch.uint8):
+        return None
+    return _FastConv(n, dtypes[n.inputs[0]])
+
+
+def _find_residual_groups(nodes: list[Node], dtypes: dict[str, torch.dtype]
+                          ) -> list[_ResidualGroup]:
+    uses: dict[str, int] = {}
+    for n in nodes:
+        for v in n.inputs:
+            uses[v] = uses.get(v, 0) + 1
+    producer = {n.output: n for n in nodes}
+    eight = (torch.int8, torch.uint8)
+    groups = []
+    for fin in nodes:
+        rq = fin.requant
+        if fin.op != "requant" or rq.requantizer.dtype not in _OUT_KINDS:
+            continue
+        add = producer.get(fin.inputs[0])
+        if add is None or add.op != "add" or uses[add.output] != 1:
+            continue
+        pair = [producer.get(v) for v in add.inputs]
+        if any(p is None or uses[p.output] != 1 for p in pair):
+            continue
+        convs = [p for p in pair if p.op == "conv2d"]
+        shorts = [p for p in pair if p.op == "requant"]
+        if len(convs) != 1 or len(shorts) != 1:
+            continue
+        conv, short = convs[0], shorts[0]
+        crq, srq = conv.requant, short.requant
+        arr = crq.integer_arrays()
+        fast = _fast_conv(conv, dtypes)
+        if (fast is None or crq.fixed_point is not None or crq.input_clamp is not None
+                or arr["k"].any() or arr["C"].any() or arr["w"].any()
+                or srq.input_clamp is not None or dtypes[short.inputs[0]] not in eight):
+            continue
+        # the shortcut's requantization for every byte value: a table (same integer rule)
+        if dtypes[short.inputs[0]] == torch.uint8:
+            byte = torch.arange(256, dtype=torch.int64)
+        else:
+            byte = torch.arange(-128, 128, dtype=torch.int64)
+        C = srq.channels
+        lut = srq(byte.view(256, 1).expand(256, C).contiguous(), backend="torch")
+        lut = lut.to(torch.int64).t().contiguous()
+        lo64, hi64 = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+        clamp = (torch.full((C,), lo64, dtype=torch.int64),
+                 torch.full((C,), hi64, dtype=torch.int64))
+        if rq.input_clamp is not None:
+            clamp = (torch.from_numpy(rq.input_clamp[:, 0].astype(np.int64)),
+                     torch.from_numpy(rq.input_clamp[:, 1].astype(np.int64)))
+        groups.append(_ResidualGroup(fast, short, add, fin, crq.requantizer.multiplier, lut,
+                                     clamp))
+    return groups
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
