@@ -531,8 +531,13 @@ _FAST_SOURCE = r"""
 #include <cstring>
 #include <limits>
 
-// compiled for AVX-512 and AVX2 next to the baseline, chosen at load time
-#define LOWBIT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// compiled for x86-64-v4 (AVX-512 with 64-bit multiplies) and AVX2 next to the baseline,
+// chosen at load time; built without clones where the compiler does not know them
+#ifndef LOWBIT_NO_CLONES
+#define LOWBIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define LOWBIT_CLONES
+#endif
 
 // rows [b, e) of the NHWC im2col: column (i*KW + j)*C + c; uint8 values become x - 128
 LOWBIT_CLONES
@@ -736,20 +741,26 @@ def _fused_extension() -> Any:
     if _ext.disabled() or _ext.extension() is None:
         return None
     if "mod" not in _fast_state:
-        try:
-            from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import load_inline
 
-            _fast_state["mod"] = load_inline(
-                name="lowbit_integer_nhwc_v2", cpp_sources=[_FAST_DECL + _FAST_SOURCE],
-                functions=["im2col_nhwc", "requant_rows", "residual_requant"],
-                extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
-                verbose=False)
-        except Exception as err:  # no compiler, ...: the node-by-node torch path is used
+        err: Exception | None = None
+        _fast_state["mod"] = None
+        for name, flags in (("lowbit_integer_nhwc_v3", []),
+                            ("lowbit_integer_nhwc_v3_plain", ["-DLOWBIT_NO_CLONES"])):
+            try:
+                _fast_state["mod"] = load_inline(
+                    name=name, cpp_sources=[_FAST_DECL + _FAST_SOURCE],
+                    functions=["im2col_nhwc", "requant_rows", "residual_requant"],
+                    extra_cflags=["-O3", "-fopenmp", "-std=c++17", *flags],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+                break
+            except Exception as exc:  # no compiler, unknown target: try plainer, then none
+                err = exc
+        if _fast_state["mod"] is None:
             import warnings
 
             warnings.warn(f"lowbit.integer: channels-last kernels unavailable ({err}); running "
                           "node by node", RuntimeWarning, stacklevel=2)
-            _fast_state["mod"] = None
     return _fast_state["mod"]
 
 
