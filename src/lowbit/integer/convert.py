@@ -18,9 +18,12 @@ consumers keep exact arithmetic in accumulator units:
 * residual add ``branch + shortcut``: the quantized shortcut is requantized into the branch's
   accumulator units (a 256-input map, certified; its rounding error is far below one output
   step), added as integers, and the sum is requantized once at the next layer's input;
-* average pooling after ReLU: ``max(G·acc + B, 0)`` on a grid at least as fine as the
-  accumulator (exact: ``G`` a power of two chosen so that no tie arises), summed in int64, and
-  the division by the window size goes into the next requantization;
+* average pooling: the values are first rounded onto per-channel units ``|unit|·2^j``
+  (ReLU applied) by a shift with a tie correction, exact by construction with no search
+  (:func:`_power_of_two_map`; ``j`` makes one output step about 2^14 units of the pooled
+  sum), summed in int64, and the division by the window size goes into the next
+  requantization; max pooling and BatchNorm after ReLU with no quantized consumer in between
+  use the same units;
 * the final linear layer's accumulator is the integer output; ``unit·acc + offset`` (float64)
   gives the logits.
 
@@ -864,9 +867,6 @@ class _Converter:
             raise _err(layer, "add with more than two tensors or keyword arguments")
         (sa, va), (sb, vb) = self.arg(n, 0), self.arg(n, 1)
         if isinstance(va, _Pending) and isinstance(vb, _Pending):
-            if va.clamped or vb.clamped:
-                # an activated branch: its consumer grid decides; quantize one side
-                pass
             raise _err(layer, "adds two convolution outputs (e.g. a projection shortcut); the "
                               "integer path adds a convolution output and a quantized tensor")
         if isinstance(va, _Pending):
@@ -995,7 +995,6 @@ def to_integer(model: nn.Module, calib_data: Any = None, *, example_input: Tenso
         raise IntegerConversionError(
             "the model has no quantized layers (QConv2d/QLinear); convert it first, e.g. "
             "lowbit.nn.convert(model, 'w8a8', first_last='same'), then calibrate or train it")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model = copy.deepcopy(model).cpu().eval()
     if calib_data is not None:
         set_calibrating(model, True)
@@ -1014,7 +1013,6 @@ def to_integer(model: nn.Module, calib_data: Any = None, *, example_input: Tenso
             raise ValueError("calib_data yielded no batches")
     if example_input is None:
         raise ValueError("to_integer needs the input shape: pass calib_data or example_input")
-    del device
     example = example_input[:1].float().cpu()
     gm = _trace(model)
     conv = _Converter(gm, rounding, accumulator_bits)
