@@ -912,8 +912,8 @@ class _Converter:
         spec_s = self.certified(layer, a_sc, [Fraction(0)] * len(a_sc),
                                 [(q.lo, q.hi)] * len(a_sc), lo, hi, 0, None,
                                 input_zero_point=z)
-        sc = self.emit(Node("requant", (q.name,), self.fresh(layer + ".shortcut"), layer, {},
-                            None, spec_s))
+        sc = self.emit(Node("requant", (q.name,), self.fresh(layer + ".shortcut"),
+                            layer + ".shortcut", {}, None, spec_s))
         bounds = np.array([(int(b0) + s0, int(b1) + s1) for (b0, b1), (s0, s1)
                            in zip(b_bounds.tolist(), sc_bounds)], dtype=object)
         lo_all, hi_all = _hull(bounds)
