@@ -32,6 +32,7 @@ _LAZY = {
     "summary": "lowbit.nn",
     "QuantScheme": "lowbit.nn",
     "QuantSpec": "lowbit.quant",
+    "to_integer": "lowbit.integer",
 }
 
 _SUBMODULES = {
