@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -420,7 +420,7 @@ def test_model_input_checks(trained_cnn):
 
 
 # ------------------------------------------------------------ the constructions, exhaustively
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(u_num=st.integers(-(10**6), 10**6).filter(lambda v: v != 0),
        u_den=st.integers(1, 10**6), off_num=st.integers(-(10**9), 10**9),
        off_den=st.sampled_from([1, 2, 3, 4, 7, 1024, 10**6 + 3]), j=st.integers(-3, 12),
@@ -429,6 +429,8 @@ def test_power_of_two_map_is_exact(u_num, u_den, off_num, off_den, j, rounding):
     u, off = Fraction(u_num, u_den), Fraction(off_num, off_den)
     a, b, M, C, k, w, up = _power_of_two_map(u, off, j, Fraction(1), rounding)
     assert up > 0 and a == u / up and b == off / up
+    # the reference below clamps to +-2^40: keep to maps whose outputs stay inside that range
+    assume(abs(a) * 3000 + abs(b) < 2**39)
     xs = np.arange(-3000, 3000, dtype=np.int64)
     v = M * xs + C
     q = v >> k
