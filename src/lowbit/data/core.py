@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
+
+from lowbit._io import atomic_write  # noqa: F401  (re-exported: lowbit.data.core.atomic_write)
 
 CACHE_VERSION = 1
 
@@ -81,28 +80,6 @@ def cache_dir(root: str | os.PathLike | None = None) -> Path:
             f"no writable cache folder: {root_dir}/cache and {fallback} are not writable; "
             "set $LOWBIT_CACHE")
     return fallback
-
-
-@contextmanager
-def atomic_write(path: Path) -> Iterator[IO[bytes]]:
-    """Open a temporary file beside ``path``; on success fsync and rename it over ``path``.
-    On any exception the temporary file is removed and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600; give the usual file mode
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def source_key(*parts: object) -> str:

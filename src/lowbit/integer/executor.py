@@ -35,7 +35,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbit._io import atomic_write
 from lowbit.integer.exact import ExactAffine, exact_outputs
 from lowbit.integer.fixed_point import FixedPointAffine, signed_bits
 from lowbit.integer.ops import Requantizer, int_conv2d, int_linear
@@ -898,18 +898,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and
     ``os.replace``: the file appears complete or not at all."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
     return path
