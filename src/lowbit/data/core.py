@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit._io import atomic_write  # noqa: F401  (re-exported: lowbit.data.core.atomic_write)
+from lowbit._io import atomic_write
 
 CACHE_VERSION = 1
 
