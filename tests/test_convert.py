@@ -249,3 +249,30 @@ def test_lstm_converts_under_quantized_backward_schemes(scheme):
     assert type(m["lstm"]).__name__ == "QLSTM"
     out, _ = m["lstm"](torch.randn(3, 2, 8))
     assert out.shape == (3, 2, 8)
+
+
+@pytest.mark.parametrize("norm", ["range", "l1", "linf"])
+def test_convert_swaps_batchnorm_variant(norm):
+    from lowbit.nn.batchnorm import BATCHNORM_VARIANTS
+
+    net = Net()
+    with torch.no_grad():
+        net.bn1.running_mean.uniform_(-1, 1)
+        net.bn1.weight.uniform_(0.5, 2)
+    q = convert(net, "w8a8", norm=norm, norm_kwargs={"act_format": "int8"})
+    assert type(q.bn1) is BATCHNORM_VARIANTS[norm][1]
+    assert q.bn1.act_format.name == "int8"
+    assert torch.equal(q.bn1.running_mean, net.bn1.running_mean)
+    assert torch.equal(q.bn1.weight, net.bn1.weight)
+    assert type(net.bn1) is nn.BatchNorm2d  # not inplace: the original is untouched
+    assert isinstance(q.fc, QLinear)
+    # "bn" and None keep BatchNorm; a norm alone works on a float scheme too
+    assert type(convert(net, "fp32", norm="bn").bn1) is nn.BatchNorm2d
+    assert type(convert(net, None, norm=norm).bn1) is BATCHNORM_VARIANTS[norm][1]
+
+
+def test_convert_norm_errors_name_the_choices():
+    with pytest.raises(ValueError, match="range"):
+        convert(Net(), "w8a8", norm="layer")
+    with pytest.raises(ValueError, match="norm_kwargs"):
+        convert(Net(), "w8a8", norm_kwargs={"act_format": "int8"})

@@ -223,7 +223,7 @@ def test_first_layer_takes_8_bit_inputs_and_equals_the_bit_plane_product():
 def test_binary_mnist_mlp_learns_and_packed_model_gives_the_same_logits(shared_datasets,
                                                                          tmp_path):
     """The mnist_mlp_w1a1 recipe shortened to 1 epoch on 10,000 images with 2x256 hidden
-    units: test accuracy (first 2,000 test images) rises from chance (10 %) to above 75 %
+    units: test accuracy (2,000 random test images) rises from chance (10 %) to above 75 %
     (measured 87 %). The packed XNOR model gives exactly the fake-quant model's logits."""
     if not (shared_datasets / "mnist").is_dir():
         pytest.skip("MNIST not in the shared datasets")

@@ -35,6 +35,10 @@ def test_recipe_resolves_and_builds(name):
         scheme = sub["quant"]["scheme"]
         quantized = any(type(m).__name__.startswith("Q") for m in model.modules())
         assert quantized == (scheme != "fp32"), (name, label)
+        norms = {type(m).__name__ for m in model.modules() if "BatchNorm" in type(m).__name__}
+        if sub["quant"]["norm"] != "bn":
+            prefix = {"range": "Range", "l1": "L1", "linf": "Linf"}[sub["quant"]["norm"]]
+            assert norms and all(n.startswith(prefix) for n in norms), (name, label, norms)
 
 
 def test_recipe_names_in_filenames_match_schemes():

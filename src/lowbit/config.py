@@ -92,7 +92,8 @@ OPTIONS: dict[str, Option] = {
                          choices=("", "crop_flip")),
     "data.limit": _opt(0, int, "train on a seeded random subset of this size (0 = all)",
                        minimum=0),
-    "data.eval_limit": _opt(0, int, "evaluate on the first N test items (0 = all)", minimum=0),
+    "data.eval_limit": _opt(0, int, "evaluate on a fixed random subset of N test items "
+                            "(0 = all)", minimum=0),
     "data.eval_split": _opt("test", str, "split evaluated each epoch"),
     "data.drop_last": _opt(False, bool, "drop the last partial training batch"),
     "data.bptt": _opt(35, int, "language models: truncated back-propagation length", minimum=1),
@@ -100,6 +101,10 @@ OPTIONS: dict[str, Option] = {
     "model.name": _opt("small_cnn", str, "model name for lowbit.models.create"),
     "quant.scheme": _opt("fp32", str, "lowbit.nn.convert scheme: fp32, w8a8, w4a4, w1a1, ..."),
     "quant.first_last": _opt("", str, "precision of the first and last layer ('' = scheme's)"),
+    "quant.norm": _opt("bn", str, "BatchNorm variant: bn (keep), range, l1 or linf",
+                       choices=("bn", "range", "l1", "linf")),
+    "quant.norm_bits": _opt(0, int, "run the BatchNorm variant in this many bits "
+                            "(activations and gradients; 0 = float)", minimum=0),
     "optim.name": _opt("sgd", str, "optimizer", choices=("sgd", "adam", "adamax", "shift_adamax")),
     "optim.lr": _opt(0.1, (float, int), "learning rate", minimum=0.0),
     "optim.momentum": _opt(0.9, (float, int), "SGD momentum", minimum=0.0),

@@ -56,6 +56,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.nn import qgemm as _qgemm  # noqa: F401  (registers the quantized-backward gemms)
+from lowbit.nn.batchnorm import BATCHNORM_VARIANTS, replace_batchnorm
 from lowbit.nn.modules import QConv2d, QLinear, _check_gemm
 from lowbit.nn.qlstm import QLSTM
 from lowbit.quant.spec import QuantSpec, _choices_error, _format_kind
@@ -233,7 +234,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
             overrides: Mapping[str, str | QuantScheme | None] | None = None,
             inplace: bool = False, skip_first_last: bool = True,
-            first_last: str | None = None) -> nn.Module:
+            first_last: str | None = None, norm: str | None = None,
+            norm_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """Swap the ``nn.Linear``/``nn.Conv2d``/``nn.LSTM`` modules of ``model`` for
     QLinear/QConv2d/:class:`~lowbit.nn.qlstm.QLSTM`.
 
@@ -259,6 +261,11 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
         first_last: ``"int8"`` (= ``"w8a8"``), ``"same"``, ``"fp32"`` or a scheme name;
             ``None`` takes the scheme's own default (``w8a8`` for low-bit integer schemes,
             ``fp32`` for the FP8 schemes). The rule only applies when ``scheme`` quantizes.
+        norm: also swap every ``BatchNorm1d``/``BatchNorm2d`` for a BatchNorm variant of
+            :mod:`lowbit.nn.batchnorm`: ``"range"`` (Range BN, Banner et al. 2018), ``"l1"``
+            or ``"linf"`` (Hoffer et al. 2018); ``None``/``"bn"`` keeps them.
+        norm_kwargs: keyword arguments for the variant, e.g. ``{"act_format": "int8",
+            "grad_format": "int8"}`` to run it in 8 bits, ``{"num_chunks": 16}``.
 
     Returns:
         The converted model (``model`` itself when ``inplace``).
@@ -266,6 +273,14 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     main = get_scheme(scheme)
+    if norm == "bn":
+        norm = None
+    if norm is not None and norm not in BATCHNORM_VARIANTS:
+        raise ValueError(
+            f"norm must be None, 'bn' or one of {sorted(BATCHNORM_VARIANTS)}, got {norm!r}"
+        )
+    if norm is None and norm_kwargs:
+        raise ValueError("norm_kwargs given without a norm to apply them to")
     if first_last is not None and not isinstance(first_last, str):
         raise TypeError(f"first_last must be a str or None, got {type(first_last).__name__}")
     if not skip_first_last:
@@ -318,4 +333,6 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
             _set_submodule(model, name, new)
         else:  # the model itself is a Linear/Conv2d
             model = new
+    if norm is not None:
+        model = replace_batchnorm(model, norm, inplace=True, **dict(norm_kwargs or {}))
     return model
