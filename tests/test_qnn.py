@@ -255,6 +255,42 @@ QNN_RECIPES = {
 }
 
 
+def test_mlp_final_bn_normalises_the_bias_free_classifier():
+    torch.manual_seed(0)
+    plain = create("mlp", in_features=64, hidden=[32])
+    head = create("mlp", in_features=64, hidden=[32], final_bn=True)
+    assert plain.final_bn is None and plain.classifier.bias is not None
+    assert isinstance(head.final_bn, nn.BatchNorm1d) and head.classifier.bias is None
+    assert set(head.state_dict()) - set(plain.state_dict()) == {
+        f"final_bn.{k}" for k in ("weight", "bias", "running_mean", "running_var",
+                                  "num_batches_tracked")} and "classifier.bias" not in head.state_dict()
+    x = torch.randn(256, 64) * 5 + 3
+    with torch.no_grad():
+        head.final_bn.weight.fill_(2.0)
+        head.final_bn.bias.fill_(0.5)
+        y = head.train()(x)
+        z = head.classifier(head.features(x))
+    # training mode: each logit is its batch-normalised pre-activation, times gamma plus beta
+    torch.testing.assert_close(y, 2.0 * (z - z.mean(0)) / (z.var(0, unbiased=False) + 1e-5).sqrt()
+                               + 0.5, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,act", [("mnist_mlp_w1a1", "binary"), ("mnist_mlp_w1a2", "uint2")])
+def test_mnist_recipes_build_the_paper_net(name, act):
+    """Binary weights everywhere, 8-bit inputs to the first layer, a low-bit classifier
+    followed by BatchNorm (the BinaryNet MNIST net)."""
+    from lowbit.train.engine import Task, build_model
+
+    cfg = resolve(name, ["model.kwargs.hidden=[16, 16, 16]"])
+    model = build_model(cfg, Task(kind="classify", num_classes=10, in_channels=1))
+    qs = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]
+    assert [n for n, _ in qs] == ["features.1", "features.4", "features.7", "classifier"]
+    assert all(m.weight_quant.kind == "binary" for _, m in qs)
+    assert qs[0][1].act_quant.fmt.name == "uint8"
+    assert all(m.act_quant.fmt.name == act for _, m in qs[1:])
+    assert isinstance(model.final_bn, nn.BatchNorm1d)
+
+
 @pytest.mark.parametrize("name,scheme", sorted(QNN_RECIPES.items()))
 def test_qnn_recipes(name, scheme):
     assert name in {n for n, _ in list_recipes()}

@@ -21,7 +21,8 @@ def make_activation(name: str) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Flatten, then ``Linear -> [BN] -> act -> [dropout]`` per hidden width, then a classifier."""
+    """Flatten, then ``Linear -> [BN] -> act -> [dropout]`` per hidden width, then a classifier,
+    optionally followed by ``BatchNorm1d`` (``final_bn``, the BinaryNet/QNN head)."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class MLP(nn.Module):
         activation: str = "relu",
         batchnorm: bool = False,
         dropout: float = 0.0,
+        final_bn: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
@@ -44,10 +46,13 @@ class MLP(nn.Module):
                 layers.append(nn.Dropout(dropout))
             width = h
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(width, num_classes)
+        # With a BN after it the classifier's bias is redundant (the BN shift replaces it).
+        self.classifier = nn.Linear(width, num_classes, bias=not final_bn)
+        self.final_bn = nn.BatchNorm1d(num_classes) if final_bn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        y = self.classifier(self.features(x))
+        return self.final_bn(y) if self.final_bn is not None else y
 
 
 @register_model
@@ -60,11 +65,14 @@ def mlp(
     activation: str = "relu",
     batchnorm: bool = False,
     dropout: float = 0.0,
+    final_bn: bool = False,
 ) -> nn.Module:
     """Multi-layer perceptron on flattened inputs.
 
     The input width is ``in_features`` if given, else ``prod(in_shape)``, else
-    ``in_channels * 28 * 28`` (MNIST).
+    ``in_channels * 28 * 28`` (MNIST). ``final_bn`` adds a ``BatchNorm1d`` (affine) after the
+    classifier, which then has no bias: the head of the BinaryNet/QNN MNIST net, whose binary
+    classifier's outputs need rescaling before a squared hinge loss.
     """
     if in_features is None:
         shape = tuple(in_shape) if in_shape is not None else (in_channels, 28, 28)
@@ -76,7 +84,7 @@ def mlp(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout}")
     return MLP(int(in_features), [int(h) for h in hidden], num_classes, activation, batchnorm,
-               dropout)
+               dropout, bool(final_bn))
 
 
 def conv_bn_act(cin: int, cout: int, activation: str = "relu") -> list[nn.Module]:
