@@ -590,6 +590,28 @@ def test_export_checkpoint_and_cli(qat_checkpoint, tmp_path, capsys):
     assert "simulation_mismatches" in text and "val_top1_fake_quant" in text
 
 
+def test_export_without_the_extra_writes_nothing(qat_checkpoint, tmp_path, monkeypatch, capsys):
+    """Asking for ONNX without the optional extra fails before the .npz is written too."""
+    from lowbit.cli import main
+    from lowbit.integer import export_checkpoint
+    from lowbit.integer.onnx_export import MissingExtraError
+
+    out = tmp_path / "export"
+    out.mkdir()
+    with pytest.raises(ValueError, match="style"):
+        export_checkpoint(qat_checkpoint, out=out / "m.npz", onnx=out / "m.onnx", style="qdq")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now fails
+    with pytest.raises(MissingExtraError, match=r"extra 'export'.*pip install"):
+        export_checkpoint(qat_checkpoint, out=out / "m.npz", onnx=out / "m.onnx")
+    capsys.readouterr()
+    assert main(["export", str(qat_checkpoint), "--out", str(out / "m.npz"),
+                 "--onnx", str(out / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "extra 'export'" in err[0]
+    assert not list(out.iterdir())
+    assert not list(Path(qat_checkpoint).glob("*.npz"))
+
+
 def test_cli_export_of_a_float_checkpoint_is_one_clear_error(tmp_path, capsys):
     from lowbit.cli import main
 

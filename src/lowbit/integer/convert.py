@@ -56,7 +56,7 @@ from lowbit.integer.fixed_point import fixed_point_affine
 from lowbit.integer.ops import Requantizer, _storage_dtype, accumulator_bounds
 
 __all__ = ["to_integer", "IntegerConversionError", "compare_models", "export_checkpoint",
-           "evaluate_checkpoint"]
+           "evaluate_checkpoint", "checkpoint_model"]
 
 INT64_LIMIT = 2**62
 
@@ -1079,8 +1079,9 @@ def compare_models(int_model: IntegerModel, fake_quant: nn.Module | None, data: 
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _checkpoint_model(checkpoint: Any, overrides: Any = ()) -> tuple[nn.Module, Any]:
-    """The fake-quant model stored in a lowbit checkpoint, and its data task."""
+def checkpoint_model(checkpoint: Any, overrides: Any = ()) -> tuple[nn.Module, Any]:
+    """The (fake-quant or float) model stored in a lowbit checkpoint, in eval mode, and its
+    data task (``overrides``: ``key=value`` strings applied to the stored config)."""
     from lowbit import config as config_mod
     from lowbit.train import engine
     from lowbit.train.checkpoint import load_checkpoint, load_model_state
@@ -1105,30 +1106,42 @@ def export_checkpoint(checkpoint: Any, *, out: Any = None, onnx: Any = None,
     ``out``: the ``.npz`` file for :mod:`~lowbit.integer.numpy_runner` (default: beside the
     checkpoint, ``<name>.integer.npz``); ``onnx``: also write an ONNX file in ``style``
     (:func:`~lowbit.integer.onnx_export.export_onnx`). Returns the paths and the per-layer
-    bit accounting.
+    bit accounting. Every check (conversion, the ONNX extra, the style) runs before the first
+    file is written, and each file is written atomically: an error leaves no file behind.
     """
     from pathlib import Path
 
     from lowbit.train.checkpoint import find_checkpoint
 
-    model, task = _checkpoint_model(checkpoint, overrides)
+    onnx_bytes = None
+    if onnx is not None:
+        from lowbit.integer.onnx_export import STYLES, _require
+
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        _require("onnx")  # MissingExtraError now, before anything is written
+    model, task = checkpoint_model(checkpoint, overrides)
     x, _ = next(iter(task.eval_loader))
     im = to_integer(model, example_input=x[:1])
+    if onnx is not None:
+        from lowbit.integer.onnx_export import onnx_bytes as _onnx_bytes
+
+        onnx_bytes = _onnx_bytes(im, style=style)
     src = find_checkpoint(checkpoint)
     out = Path(out) if out is not None else src.with_name(src.stem + ".integer.npz")
     result: dict[str, Any] = {"npz": str(im.save(out)), "summary": im.summary(),
                               "summary_markdown": im.summary_markdown()}
-    if onnx is not None:
-        from lowbit.integer.onnx_export import export_onnx
+    if onnx_bytes is not None:
+        from lowbit.integer.executor import atomic_write_bytes
 
-        result["onnx"] = str(export_onnx(im, onnx, style=style))
+        result["onnx"] = str(atomic_write_bytes(onnx, onnx_bytes))
     return result
 
 
 def evaluate_checkpoint(checkpoint: Any, overrides: Any = ()) -> dict[str, Any]:
     """Evaluate the integer model of a checkpoint on its evaluation split, beside the
     fake-quant model and the simulation (``lowbit eval CHECKPOINT integer=true``)."""
-    model, task = _checkpoint_model(checkpoint, overrides)
+    model, task = checkpoint_model(checkpoint, overrides)
     x, _ = next(iter(task.eval_loader))
     im = to_integer(model, example_input=x[:1])
     r = compare_models(im, model, task.eval_loader)

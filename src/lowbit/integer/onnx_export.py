@@ -35,7 +35,7 @@ import torch
 
 from lowbit.integer.executor import IntegerModel, Node, RequantSpec, atomic_write_bytes
 
-__all__ = ["export_onnx", "onnx_session", "MissingExtraError", "STYLES", "OPSET"]
+__all__ = ["export_onnx", "onnx_bytes", "onnx_session", "MissingExtraError", "STYLES", "OPSET"]
 
 STYLES = ("integer", "qoperator")
 OPSET = 19
@@ -380,14 +380,19 @@ def export_onnx(model: IntegerModel, path: str | os.PathLike, *, style: str = "i
     :class:`MissingExtraError` when onnx is not installed; the file is written atomically.
     Returns the path.
     """
+    return atomic_write_bytes(path, onnx_bytes(model, style=style, intermediates=intermediates))
+
+
+def onnx_bytes(model: IntegerModel, *, style: str = "integer",
+               intermediates: bool = False) -> bytes:
+    """The serialized ONNX model :func:`export_onnx` writes (nothing is written here)."""
     if not isinstance(model, IntegerModel):
         raise TypeError(f"model must be an IntegerModel (lowbit.integer.to_integer), got "
                         f"{type(model).__name__}")
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     onnx = _require("onnx")
-    m = _build(model, style, onnx, intermediates)
-    return atomic_write_bytes(path, m.SerializeToString())
+    return _build(model, style, onnx, intermediates).SerializeToString()
 
 
 def onnx_session(path: str | os.PathLike | bytes, *, threads: int | None = None) -> Any:
