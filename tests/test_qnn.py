@@ -17,11 +17,12 @@ from lowbit.nn import (
     PackedBinaryLinear,
     QLinear,
     ShiftBatchNorm1d,
+    ShiftBatchNorm2d,
     convert,
     pack_binary_model,
 )
-from lowbit.train import Callback, train
-from lowbit.train.callbacks import shift_batchnorm
+from lowbit.nn.shift_bn import to_shift_batchnorm
+from lowbit.train import Callback, evaluate, train
 from lowbit.train.checkpoint import load_checkpoint
 from lowbit.train.shift_adamax import glorot_lr_scale
 
@@ -39,13 +40,15 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0)
 
 
-def binary_mlp(hidden=(32,), scheme: str = "w1a1", first_last: str = "same") -> nn.Module:
+def binary_mlp(hidden=(32,), scheme: str = "w1a1", first_last: str = "same",
+               norm: str | None = None) -> nn.Module:
     """The BinaryNet MLP shape on 8x8 digits: 8-bit-input first layer, binary hidden layers
     (and classifier, unless ``first_last`` says otherwise)."""
     torch.manual_seed(0)
     model = create("mlp", in_features=64, hidden=list(hidden), batchnorm=True,
                    activation="hardtanh")
-    return convert(model, scheme, first_last=first_last, overrides={"features.1": "w1a8"})
+    return convert(model, scheme, first_last=first_last, overrides={"features.1": "w1a8"},
+                   norm=norm)
 
 
 def digits_cfg(tmp_path: Path, **over) -> dict:
@@ -140,41 +143,78 @@ def test_glorot_lr_resumes_exactly(tmp_path):
 
 
 def test_shift_adamax_with_power_of_two_glorot_scales_trains(tmp_path):
-    over = {"train.callbacks": ["glorot_lr_pow2", "clip_latent_weights", "shift_batchnorm"],
+    over = {"train.callbacks": ["glorot_lr_pow2", "clip_latent_weights"],
             "optim.name": "shift_adamax", "optim.lr": 2**-8, "epochs": 2}
-    res = train(digits_cfg(tmp_path, **over), model=binary_mlp(), log=None)
+    res = train(digits_cfg(tmp_path, **over), model=binary_mlp(norm="shift"), log=None)
     first, last = res.metrics[0]["train_loss"], res.metrics[-1]["train_loss"]
     assert last < first and res.final["val_top1"] > 50.0
 
 
 # -------------------------------------------------------------------------------- shift BN
-def test_shift_batchnorm_callback_swaps_and_keeps_state(tmp_path):
-    res = train(digits_cfg(tmp_path, **{"train.callbacks": ["shift_batchnorm"]}),
-                model=binary_mlp(), log=None)
+def test_shift_bn_model_evaluates_the_same_after_reload(tmp_path):
+    """quant.norm = "shift" is a module swap in convert, so ``lowbit eval`` of the checkpoint
+    rebuilds the trained model: the same accuracy and loss, and shifts (powers of two) in
+    every BN layer. Plain BN with the same state evaluates differently."""
+    over = {"model.kwargs": {"in_features": 64, "hidden": [32], "batchnorm": True,
+                             "activation": "hardtanh", "final_bn": True},
+            "quant.scheme": "w1a1", "quant.first_last": "same",
+            "quant.overrides": {"features.1": "w1a8"}, "quant.norm": "shift",
+            "optim.name": "adam", "optim.lr": 0.003, "epochs": 2,
+            "train.callbacks": ["glorot_lr", "clip_latent_weights"]}
+    torch.manual_seed(0)
+    res = train(digits_cfg(tmp_path, **over), log=None)
     bns = [m for m in res.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert bns and all(type(m) is ShiftBatchNorm1d for m in bns)
+    assert len(bns) == 2 and all(type(m) is ShiftBatchNorm1d for m in bns)
     for bn in bns:  # evaluation multiplies by signed powers of two (shifts)
         scale = bn.inference_scale()
         assert torch.equal(scale.abs().log2(), scale.abs().log2().round())
-    # the checkpoint loads into a model built from the recipe; swapping gives the same outputs
-    state = load_checkpoint(tmp_path)["model"]
-    rebuilt = binary_mlp()
-    rebuilt.load_state_dict(state)
-    assert shift_batchnorm(rebuilt) == len(bns)
-    x = torch.randn(7, 64)
-    assert torch.equal(rebuilt.eval()(x), res.model.eval()(x))
+    assert res.final["val_top1"] > 50.0
+    ev = evaluate(tmp_path)
+    assert ev["val_top1"] == res.final["val_top1"] and ev["val_loss"] == res.final["val_loss"]
+    # the same weights with ordinary BN (what the old callback left for `lowbit eval`)
+    plain = create("mlp", in_features=64, hidden=[32], batchnorm=True, activation="hardtanh",
+                   final_bn=True)
+    plain = convert(plain, "w1a1", first_last="same", overrides={"features.1": "w1a8"})
+    plain.load_state_dict(load_checkpoint(tmp_path)["model"])
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        assert not torch.equal(plain.eval()(x), res.model.eval()(x))
 
 
-def test_shift_batchnorm_shares_parameters():
+def test_shift_batchnorm_callback_name_points_to_the_recipe_key(tmp_path):
+    with pytest.raises(ValueError, match='quant.norm = "shift"'):
+        train(digits_cfg(tmp_path, **{"train.callbacks": ["shift_batchnorm"]}),
+              model=binary_mlp(), log=None)
+
+
+def test_to_shift_batchnorm_shares_parameters_and_state():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=0.2),
-                          nn.BatchNorm1d(6, affine=False))
+                          nn.BatchNorm1d(6, affine=False), nn.Unflatten(1, (6, 1, 1)),
+                          nn.BatchNorm2d(6, track_running_stats=False))
     model(torch.randn(8, 4))
+    model[2].eval()
     weight = model[1].weight
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert shift_batchnorm(model) == 2
+    assert to_shift_batchnorm(model) == 3
+    assert [type(m) for m in model[1:]] == [ShiftBatchNorm1d, ShiftBatchNorm1d, nn.Unflatten,
+                                            ShiftBatchNorm2d]
     assert model[1].weight is weight and model[1].momentum == 0.2
+    assert model[1].training and not model[2].training and model[4].running_mean is None
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert to_shift_batchnorm(model) == 0  # nothing left to swap
+    model(torch.randn(8, 4))
+
+
+def test_convert_norm_shift():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Hardtanh(), nn.Linear(6, 3))
+    out = convert(model, "w1a1", norm="shift", norm_kwargs={"momentum": 0.125})
+    assert type(out[1]) is ShiftBatchNorm1d and out[1].momentum == 0.125
+    assert type(model[1]) is nn.BatchNorm1d  # not inplace: the original is untouched
+    with pytest.raises(ValueError, match="momentum"):
+        convert(model, "w1a1", norm="shift", norm_kwargs={"act_format": "int8"})
+    with pytest.raises(ValueError, match="shift"):
+        convert(model, "w1a1", norm="shiftbn")
 
 
 # ------------------------------------------------------------------------ 6-bit gradients

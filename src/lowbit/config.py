@@ -101,8 +101,9 @@ OPTIONS: dict[str, Option] = {
     "model.name": _opt("small_cnn", str, "model name for lowbit.models.create"),
     "quant.scheme": _opt("fp32", str, "lowbit.nn.convert scheme: fp32, w8a8, w4a4, w1a1, ..."),
     "quant.first_last": _opt("", str, "precision of the first and last layer ('' = scheme's)"),
-    "quant.norm": _opt("bn", str, "BatchNorm variant: bn (keep), range, l1 or linf",
-                       choices=("bn", "range", "l1", "linf")),
+    "quant.norm": _opt("bn", str, "BatchNorm variant: bn (keep), range, l1, linf or shift "
+                       "(shift-based BN, BinaryNet/QNN)",
+                       choices=("bn", "range", "l1", "linf", "shift")),
     "quant.norm_bits": _opt(0, int, "run the BatchNorm variant in this many bits "
                             "(activations and gradients; 0 = float)", minimum=0),
     "optim.name": _opt("sgd", str, "optimizer", choices=("sgd", "adam", "adamax", "shift_adamax")),

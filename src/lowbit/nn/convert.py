@@ -59,6 +59,7 @@ from lowbit.nn import qgemm as _qgemm  # noqa: F401  (registers the quantized-ba
 from lowbit.nn.batchnorm import BATCHNORM_VARIANTS, replace_batchnorm
 from lowbit.nn.modules import QConv2d, QLinear, _check_gemm
 from lowbit.nn.qlstm import QLSTM
+from lowbit.nn.shift_bn import to_shift_batchnorm
 from lowbit.quant.spec import QuantSpec, _choices_error, _format_kind
 
 __all__ = [
@@ -221,6 +222,9 @@ _builtin("fp8-hybrid", QuantSpec("e4m3", observer="dynamic"),
          QuantSpec("e5m2", observer="dynamic", rounding="stochastic"), first_last="fp32",
          gemm="qbackward")
 
+#: BatchNorm replacements ``convert(norm=...)`` knows (besides ``None``/``"bn"``: keep).
+NORMS = (*sorted(BATCHNORM_VARIANTS), "shift")
+
 _SWAPPABLE = {nn.Linear: QLinear, nn.Conv2d: QConv2d, nn.LSTM: QLSTM}
 _EDGE_TYPES = (nn.Linear, nn.Conv2d)  # what the first/last rule looks at
 
@@ -263,9 +267,11 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
             ``fp32`` for the FP8 schemes). The rule only applies when ``scheme`` quantizes.
         norm: also swap every ``BatchNorm1d``/``BatchNorm2d`` for a BatchNorm variant of
             :mod:`lowbit.nn.batchnorm`: ``"range"`` (Range BN, Banner et al. 2018), ``"l1"``
-            or ``"linf"`` (Hoffer et al. 2018); ``None``/``"bn"`` keeps them.
+            or ``"linf"`` (Hoffer et al. 2018), ``"shift"`` (shift-based BN of BinaryNet/QNN,
+            :func:`lowbit.nn.shift_bn.to_shift_batchnorm`); ``None``/``"bn"`` keeps them.
         norm_kwargs: keyword arguments for the variant, e.g. ``{"act_format": "int8",
-            "grad_format": "int8"}`` to run it in 8 bits, ``{"num_chunks": 16}``.
+            "grad_format": "int8"}`` to run it in 8 bits, ``{"num_chunks": 16}``; for
+            ``"shift"`` only ``{"momentum": m}``.
 
     Returns:
         The converted model (``model`` itself when ``inplace``).
@@ -275,12 +281,14 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
     main = get_scheme(scheme)
     if norm == "bn":
         norm = None
-    if norm is not None and norm not in BATCHNORM_VARIANTS:
-        raise ValueError(
-            f"norm must be None, 'bn' or one of {sorted(BATCHNORM_VARIANTS)}, got {norm!r}"
-        )
+    if norm is not None and norm not in NORMS:
+        raise ValueError(f"norm must be None, 'bn' or one of {list(NORMS)}, got {norm!r}")
     if norm is None and norm_kwargs:
         raise ValueError("norm_kwargs given without a norm to apply them to")
+    if norm == "shift" and set(norm_kwargs or {}) - {"momentum"}:
+        raise ValueError(
+            f"norm='shift' takes only norm_kwargs={{'momentum': ...}}, got {dict(norm_kwargs)!r}"
+        )
     if first_last is not None and not isinstance(first_last, str):
         raise TypeError(f"first_last must be a str or None, got {type(first_last).__name__}")
     if not skip_first_last:
@@ -333,6 +341,8 @@ def convert(model: nn.Module, scheme: str | QuantScheme | None, *,
             _set_submodule(model, name, new)
         else:  # the model itself is a Linear/Conv2d
             model = new
-    if norm is not None:
+    if norm == "shift":
+        to_shift_batchnorm(model, **dict(norm_kwargs or {}))
+    elif norm is not None:
         model = replace_batchnorm(model, norm, inplace=True, **dict(norm_kwargs or {}))
     return model

@@ -13,15 +13,19 @@ gradient is ``sum(AP2(c * s) * grad)``. Running statistics follow PyTorch's Batc
 variance with Bessel's correction; ``momentum=None`` for a cumulative average), so state dicts are
 interchangeable with ``nn.BatchNorm``; evaluation uses ``s = AP2(1 / sqrt(running_var + eps))``.
 The Torch7 code kept an average of ``1/std`` instead; the default momentum is its 0.125.
+
+:func:`to_shift_batchnorm` swaps a model's BatchNorm layers for these (what
+``convert(..., norm="shift")`` and the recipe key ``quant.norm = "shift"`` do), so a model
+rebuilt from its recipe, e.g. by ``lowbit eval``, is the one that was trained.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["ShiftBatchNorm1d", "ShiftBatchNorm2d", "ap2"]
+__all__ = ["ShiftBatchNorm1d", "ShiftBatchNorm2d", "ap2", "to_shift_batchnorm"]
 
 
 def ap2(x: Tensor) -> Tensor:
@@ -156,3 +160,41 @@ class ShiftBatchNorm2d(_ShiftBatchNorm):
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"expected 4D input [N, C, H, W], got {x.dim()}D input")
+
+
+def to_shift_batchnorm(model: nn.Module, *, momentum: float | None | str = "keep") -> int:
+    """Swap, in place, every ``nn.BatchNorm1d``/``2d`` of ``model`` (exactly those types;
+    other variants, e.g. Range BN, are left alone) for :class:`ShiftBatchNorm1d`/``2d``.
+
+    The new layers share the old ones' parameters (an optimizer built before keeps working),
+    copy their running statistics, ``eps``, affine/tracking flags and train/eval mode; the state
+    dict keys do not change. ``momentum="keep"`` keeps each layer's momentum, a number (or
+    ``None``, cumulative) sets it for all of them (the Torch7 code used 0.125). Returns the
+    number of layers swapped.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not (momentum == "keep" or momentum is None
+            or (isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+                and 0.0 <= momentum <= 1.0)):
+        raise ValueError(f"momentum must be 'keep', None or in [0, 1], got {momentum!r}")
+    targets: dict[type, type[_ShiftBatchNorm]] = {
+        nn.BatchNorm1d: ShiftBatchNorm1d, nn.BatchNorm2d: ShiftBatchNorm2d}
+    count = 0
+    for parent in list(model.modules()):
+        for name, bn in list(parent.named_children()):
+            cls = targets.get(type(bn))
+            if cls is None:
+                continue
+            mom = bn.momentum if momentum == "keep" else momentum
+            new = cls(bn.num_features, eps=bn.eps, momentum=mom, affine=bn.affine,
+                      track_running_stats=bn.track_running_stats, device="meta")
+            if bn.affine:
+                new.weight, new.bias = bn.weight, bn.bias
+            for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                value = getattr(bn, buf)
+                setattr(new, buf, None if value is None else value.detach().clone())
+            new.train(bn.training)
+            setattr(parent, name, new)
+            count += 1
+    return count

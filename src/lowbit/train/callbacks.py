@@ -21,6 +21,11 @@ from typing import Any
 __all__ = ["Callback", "register_callback", "list_callbacks", "build_callbacks"]
 
 _REGISTRY: dict[str, Callable[[], Any]] = {}
+# callbacks that became recipe keys: name -> what to write instead
+_MOVED = {
+    "shift_batchnorm": 'quant.norm = "shift" (a module swap by lowbit.nn.convert, so the model '
+                       "rebuilt for evaluation has shift BN too)",
+}
 
 
 class Callback:
@@ -61,6 +66,8 @@ def _make(name: str) -> Any:
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"train.callbacks: cannot import {name!r}: {exc}") from None
         return factory()
+    if name in _MOVED:
+        raise ValueError(f"train.callbacks: {name!r} is no longer a callback; use {_MOVED[name]}")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -146,47 +153,5 @@ class GlorotLRScale(Callback):
         self._before = None
 
 
-class ShiftBatchNormSwap(Callback):
-    """Use shift-based batch normalisation (:mod:`lowbit.nn.shift_bn`) in training: before the
-    first epoch every ``nn.BatchNorm1d``/``nn.BatchNorm2d`` becomes a ``ShiftBatchNorm1d``/``2d``
-    that shares its parameters (the optimizer keeps working) and copies its running statistics,
-    ``eps`` and ``momentum``. The state dict keys do not change, so checkpoints stay loadable.
-    Named ``"shift_batchnorm"`` in ``train.callbacks``. The swap happens in the training run:
-    a model rebuilt from its recipe elsewhere (e.g. ``lowbit eval``) has ordinary BN layers
-    until this callback (or :func:`shift_batchnorm`) is applied to it.
-    """
-
-    def on_train_start(self, trainer: Any) -> None:
-        shift_batchnorm(trainer.model)
-
-
-def shift_batchnorm(model: Any) -> int:
-    """Swap, in place, every ``nn.BatchNorm1d``/``2d`` of ``model`` for its shift-based
-    twin (see :class:`ShiftBatchNormSwap`); returns the number of layers swapped."""
-    from torch import nn
-
-    from ..nn.shift_bn import ShiftBatchNorm1d, ShiftBatchNorm2d
-
-    targets = {nn.BatchNorm1d: ShiftBatchNorm1d, nn.BatchNorm2d: ShiftBatchNorm2d}
-    count = 0
-    for parent in list(model.modules()):
-        for name, bn in list(parent.named_children()):
-            cls = targets.get(type(bn))
-            if cls is None:
-                continue
-            new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                      track_running_stats=bn.track_running_stats, device="meta")
-            if bn.affine:
-                new.weight, new.bias = bn.weight, bn.bias
-            for buf in ("running_mean", "running_var", "num_batches_tracked"):
-                value = getattr(bn, buf)
-                setattr(new, buf, None if value is None else value.detach().clone())
-            new.train(bn.training)
-            setattr(parent, name, new)
-            count += 1
-    return count
-
-
 register_callback("glorot_lr", GlorotLRScale)
 register_callback("glorot_lr_pow2", lambda: GlorotLRScale(power_of_two=True))
-register_callback("shift_batchnorm", ShiftBatchNormSwap)
