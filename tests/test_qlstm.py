@@ -186,6 +186,31 @@ def test_convert_swaps_lstm_and_keeps_first_last_rule_for_linear():
     assert logits.shape == (6, 2, 50) and h.shape == (2, 2, 16)
 
 
+@pytest.mark.parametrize("scheme,wfmt,afmt,bits", [("w2a2", "int2", "uint2", 2),
+                                                   ("w4a4", "int4", "uint4", 4),
+                                                   ("w1a1", "binary", "binary", 1)])
+def test_summary_shows_qlstm_formats_and_memory(scheme, wfmt, afmt, bits):
+    from lowbit.nn import QLSTM as exported
+    from lowbit.nn import summary
+
+    assert exported is QLSTM
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 7, 2, bidirectional=True)
+    q = convert(nn.ModuleDict({"rnn": lstm}), scheme)["rnn"]
+    lines: list[str] = []
+    (row,) = summary(q, print_fn=lines.append)
+    weights = sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("weight_"))
+    biases = sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("bias_"))
+    assert weights == 2 * (4 * 7 * 5 + 4 * 7 * 7 + 4 * 7 * 14 + 4 * 7 * 7) and biases == 8 * 4 * 7
+    assert (row["type"], row["weight_format"], row["act_format"]) == ("QLSTM", wfmt, afmt)
+    assert row["params"] == weights + biases and row["weight_bits"] == bits
+    assert row["memory_bytes"] == (weights * bits + biases * 32) / 8
+    assert row["fp32_bytes"] == (weights + biases) * 4
+    assert wfmt in lines[0] and afmt in lines[0]
+    (plain,) = summary(lstm, print_fn=None)  # the float LSTM: everything at 32 bits
+    assert plain["memory_bytes"] == plain["fp32_bytes"] and plain["weight_bits"] == 32
+
+
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="proj_size"):
         QLSTM.from_float(nn.LSTM(4, 6, proj_size=3))

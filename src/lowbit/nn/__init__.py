@@ -1,14 +1,15 @@
 """Quantized modules, convert() and summary().
 
 * :class:`QLinear`, :class:`QConv2d` -- ``nn.Linear``/``nn.Conv2d`` with weight, activation
-  and gradient quantizers (:mod:`lowbit.nn.modules`);
+  and gradient quantizers (:mod:`lowbit.nn.modules`); :class:`QLSTM` -- ``nn.LSTM`` with
+  k-bit weights, inputs, gates and hidden state (:mod:`lowbit.nn.qlstm`);
 * :func:`convert` -- swap the layers of a model by scheme name, with per-layer overrides
   (:mod:`lowbit.nn.convert`);
 * :func:`summary` -- per-layer formats and memory (:mod:`lowbit.nn.summary`);
 * quantized backward GEMMs (8-bit/FP8 errors, gradient bifurcation) selected by a scheme's
   ``gemm`` (:mod:`lowbit.nn.qgemm`);
 * BatchNorm variants: Range/L1/L-inf BN (:mod:`lowbit.nn.batchnorm`), shift-based BN
-  (:mod:`lowbit.nn.shift_bn`), bounded weight normalisation (:mod:`lowbit.nn.weight_norm`);
+  (:mod:`lowbit.nn.shift_bn`, :func:`to_shift_batchnorm`, ``convert(norm="shift")``), bounded weight normalisation (:mod:`lowbit.nn.weight_norm`);
 * packed binary inference layers (:mod:`lowbit.nn.binary`).
 """
 
@@ -53,7 +54,8 @@ from .qgemm import (
     record_gemm_inputs,
     register_qgemm,
 )
-from .shift_bn import ShiftBatchNorm1d, ShiftBatchNorm2d
+from .qlstm import QLSTM
+from .shift_bn import ShiftBatchNorm1d, ShiftBatchNorm2d, to_shift_batchnorm
 from .summary import summary
 from .weight_norm import (
     BoundedWeightNorm,
@@ -70,6 +72,7 @@ __all__ = [
     "record_gemm_inputs",
     "QLinear",
     "QConv2d",
+    "QLSTM",
     "Quantizer",
     "GradQuantizer",
     "QuantScheme",
@@ -97,6 +100,7 @@ __all__ = [
     "replace_batchnorm",
     "ShiftBatchNorm1d",
     "ShiftBatchNorm2d",
+    "to_shift_batchnorm",
     "BoundedWeightNorm",
     "apply_bounded_weight_norm",
     "remove_bounded_weight_norm",

@@ -131,6 +131,11 @@ class QLSTM(nn.LSTM):
     def _weight_names(self) -> list[str]:
         return [n for n in self._flat_weights_names if n.startswith("weight_")]
 
+    def quantized_weight_bits(self, name: str) -> int | None:
+        """Storage bits per value of parameter ``name`` under its quantizer (``None`` if the
+        parameter is not quantized, e.g. biases)."""
+        return int(self.weight_quant[name].fmt.bits) if name in self.weight_quant else None
+
     @classmethod
     def from_float(cls, mod: nn.LSTM, *, weight: Any = None, act: Any = None, grad: Any = None,
                    gemm: str = "default", quantize_gates: bool = True) -> QLSTM:

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.nn.modules import _QuantizedOp
+from lowbit.nn.qlstm import QLSTM
 
 __all__ = ["summary"]
 
@@ -26,7 +27,9 @@ def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> 
     Each row is a dict with ``name``, ``type``, ``weight_format``, ``act_format``,
     ``params`` (count of the module's own parameters), ``weight_bits`` (storage bits per
     weight value), ``memory_bytes`` (weights at their format's bits, every other parameter
-    at its dtype's width) and ``fp32_bytes`` (all parameters at 32 bits). Quantization
+    at its dtype's width) and ``fp32_bytes`` (all parameters at 32 bits). For
+    :class:`~lowbit.nn.qlstm.QLSTM` the weights are all ``weight_ih``/``weight_hh`` matrices
+    and ``act_format`` is the format of its inputs, gates and hidden state. Quantization
     scales, buffers (e.g. BatchNorm running statistics) and activations are not counted.
     The printed table ends with totals and the compression ratio against FP32.
     ``print_fn=None`` prints nothing.
@@ -38,20 +41,23 @@ def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> 
         params = list(mod.named_parameters(recurse=False))
         if not params:
             continue
-        quantized = isinstance(mod, _QuantizedOp)
-        wq = mod.weight_quant if quantized else None
-        weight_bits = int(wq.fmt.bits) if wq is not None else None
+        quantized = isinstance(mod, (_QuantizedOp, QLSTM))
+        weight_bits = None
         mem_bits = 0
         count = 0
         for pname, p in params:
             n = p.numel()
             count += n
-            if pname == "weight" and weight_bits is not None:
-                mem_bits += n * weight_bits
+            bits = _quantized_bits(mod, pname)
+            if bits is not None:
+                weight_bits = bits
+                mem_bits += n * bits
             else:
                 mem_bits += n * p.element_size() * 8
-        if weight_bits is None and hasattr(mod, "weight") and isinstance(mod.weight, nn.Parameter):
-            weight_bits = mod.weight.element_size() * 8
+        if weight_bits is None:
+            weights = [p for pname, p in params if pname.startswith("weight")]
+            if weights:
+                weight_bits = weights[0].element_size() * 8
         rows.append({
             "name": name or "(model)",
             "type": type(mod).__name__,
@@ -65,6 +71,16 @@ def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> 
     if print_fn is not None:
         print_fn(_format_table(rows))
     return rows
+
+
+def _quantized_bits(mod: nn.Module, pname: str) -> int | None:
+    """Storage bits per value of ``mod``'s parameter ``pname`` if a quantizer stores it."""
+    if isinstance(mod, _QuantizedOp):
+        wq = mod.weight_quant
+        return int(wq.fmt.bits) if pname == "weight" and wq is not None else None
+    if isinstance(mod, QLSTM):
+        return mod.quantized_weight_bits(pname)
+    return None
 
 
 def _format_table(rows: list[dict]) -> str:
