@@ -53,6 +53,18 @@ Gemms registered here (see :func:`register_qgemm` for new ones):
 ``"fp8-nearest"``     the same with ``dW`` rounded to nearest (the paper's ablation)
 
 The bias gradient is the sum of the wgrad-path error copy, kept in FP32.
+
+Real FP8 products (opt in): ``"fp8-scaled-mm"``, ``"fp8-nearest-scaled-mm"`` and
+``"fp8-hybrid-scaled-mm"`` round exactly as ``"fp8"``, ``"fp8-nearest"`` and ``"qbackward"``
+(the gemm of the ``fp8-hybrid`` scheme) do, but store the three GEMMs' inputs as real
+``torch.float8_e5m2``/``float8_e4m3fn`` tensors with a per-tensor scale (:func:`to_float8`,
+lossless for values already on the format's grid) and multiply them with
+``torch._scaled_mm`` (FP32 accumulation and output; :func:`float8_mm`). Only ``nn.Linear``
+runs there: convolutions keep the simulated product. Where the kernel is missing
+(:func:`scaled_mm_supported`: CUDA needs compute capability 8.9+ and has no e5m2 x e5m2
+kernel) a GEMM falls back to the simulated product of the same float8 values; the
+recorder's :attr:`GemmRecord.kernel` says which ran. Use one with
+``dataclasses.replace(get_scheme("fp8"), gemm="fp8-scaled-mm")``.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from lowbit.formats import get_format
 from lowbit.nn.modules import register_gemm
 from lowbit.quant.functional import fake_quantize
 from lowbit.quant.spec import QuantSpec, _format_kind
@@ -79,10 +92,15 @@ __all__ = [
     "quantize_backward",
     "quantized_linear",
     "quantized_conv2d",
+    "float8_linear",
     "record_gemm_inputs",
     "register_qgemm",
     "list_qgemms",
     "get_qgemm",
+    "float8_dtype",
+    "to_float8",
+    "float8_mm",
+    "scaled_mm_supported",
 ]
 
 _SAME = "same"
@@ -230,22 +248,26 @@ class GemmRecord:
     ``stage`` is ``"forward"`` (``a`` = activation, ``b`` = weight), ``"dgrad"`` (``a`` =
     error sent below, ``b`` = weight), ``"wgrad"`` (``a`` = error copy, ``b`` = activation) or
     ``"weight_grad"`` (``a`` = the rounded weight gradient, ``b`` = None). ``tag`` is the
-    module given to the gemm (or None for the functional forms).
+    module given to the gemm (or None for the functional forms). ``kernel`` is
+    ``"scaled_mm"`` when the product ran on real float8 tensors (``a`` and ``b`` are then
+    their dequantized values) and ``"float"`` otherwise.
     """
 
     stage: str
     a: Tensor
     b: Tensor | None
     tag: Any = None
+    kernel: str = "float"
 
 
 _recorders: list[list[GemmRecord]] = []  # process-wide: CUDA backward runs in another thread
 _recorders_lock = threading.Lock()
 
 
-def _record(stage: str, a: Tensor, b: Tensor | None, tag: Any) -> None:
+def _record(stage: str, a: Tensor, b: Tensor | None, tag: Any, kernel: str = "float") -> None:
     if _recorders:
-        r = GemmRecord(stage, a.detach().clone(), None if b is None else b.detach().clone(), tag)
+        r = GemmRecord(stage, a.detach().clone(), None if b is None else b.detach().clone(), tag,
+                       kernel)
         with _recorders_lock:
             for lst in _recorders:
                 lst.append(r)
@@ -398,6 +420,257 @@ def quantized_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
                            groups)
 
 
+# ------------------------------------------------------------------- real FP8 products
+_FLOAT8_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in (("e5m2", "float8_e5m2"),
+                                                  ("e4m3", "float8_e4m3fn"))
+    if hasattr(torch, attr)
+}
+_SCALINGS = ("none", "pow2", "amax")
+_probe_cache: dict[tuple[torch.dtype, torch.dtype], bool] = {}
+
+
+def float8_dtype(fmt: Any) -> torch.dtype:
+    """The torch float8 dtype storing format ``fmt`` exactly: ``"e5m2"`` ->
+    ``torch.float8_e5m2``, ``"e4m3"`` (OCP e4m3fn) -> ``torch.float8_e4m3fn``."""
+    name = get_format(fmt).name
+    if name not in _FLOAT8_DTYPES:
+        raise ValueError(f"fmt: real float8 storage exists for {sorted(_FLOAT8_DTYPES)}, "
+                         f"not {name!r}")
+    return _FLOAT8_DTYPES[name]
+
+
+def to_float8(t: Tensor, fmt: Any, *, scaling: str = "none") -> tuple[Tensor, Tensor]:
+    """Store ``t`` as a real float8 tensor ``t8`` and a float32 scalar ``scale`` with
+    ``t8.float() * scale`` equal to ``t``.
+
+    The result is exact when ``t`` already lies on the format's grid under the matching
+    scaling (as the fake quantizers leave it); otherwise ``t / scale`` is rounded to nearest.
+
+    Args:
+        t: the tensor (any float dtype).
+        fmt: ``"e5m2"`` or ``"e4m3"``.
+        scaling: ``"none"`` (scale 1: unscaled minifloats, the FP8 paper), ``"pow2"`` (the
+            smallest power of two with ``max|t| / scale <= fmt.max``: the power-of-two
+            scaled gradients of :func:`quantize_backward`) or ``"amax"``
+            (``max|t| / fmt.max``: the per-tensor ``"dynamic"`` observer of the forward
+            quantizers, whose largest value lands on ``fmt.max``).
+
+    A non-finite ``t`` is cast with scale 1, so inf/NaN survive (e4m3fn turns inf into NaN).
+    """
+    if scaling not in _SCALINGS:
+        raise ValueError(f"scaling must be one of {list(_SCALINGS)}, got {scaling!r}")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t must be a Tensor, got {type(t).__name__}")
+    dtype = float8_dtype(fmt)
+    f = get_format(fmt)
+    one = torch.ones((), dtype=torch.float32, device=t.device)
+    t = t.detach()
+    if scaling == "none" or t.numel() == 0:
+        return t.to(dtype), one
+    amax = t.abs().amax().float()
+    if not bool(torch.isfinite(amax)):
+        return t.to(dtype), one
+    if scaling == "pow2":
+        scale = _pow2_scale(amax, f)
+    else:
+        scale = (amax / float(f.max)).clamp_min(_TINY)
+    return (t.float() / scale).to(dtype), scale
+
+
+def scaled_mm_supported(device: torch.device | str, a_dtype: torch.dtype = torch.float8_e4m3fn,
+                        b_dtype: torch.dtype = torch.float8_e4m3fn) -> bool:
+    """Whether ``torch._scaled_mm`` multiplies these float8 dtypes on ``device``.
+
+    CUDA: compute capability 8.9 or newer, and not e5m2 x e5m2 (cuBLASLt has no such
+    kernel). CPU: probed once per dtype pair with a tiny product (this torch's CPU build
+    runs all four pairs through oneDNN). Other devices: False.
+    """
+    device = torch.device(device)
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        e5m2 = _FLOAT8_DTYPES.get("e5m2")
+        if a_dtype == e5m2 and b_dtype == e5m2:
+            return False
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type != "cpu":
+        return False
+    key = (a_dtype, b_dtype)
+    if key not in _probe_cache:
+        try:
+            a = torch.ones(16, 16).to(a_dtype)
+            b = torch.ones(16, 16).to(b_dtype)
+            one = torch.ones(())
+            out = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+            _probe_cache[key] = bool((out == 16).all())
+        except (RuntimeError, NotImplementedError, TypeError):
+            _probe_cache[key] = False
+    return _probe_cache[key]
+
+
+def _padded(t: Tensor, rows: int, cols: int) -> Tensor:
+    """``t`` as a contiguous row-major ``[rows, cols]`` tensor, zero padded."""
+    if tuple(t.shape) == (rows, cols):
+        return t.contiguous()
+    out = t.new_zeros(rows, cols)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def float8_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor, *,
+              pad_to: int | None = None) -> Tensor:
+    """``(a * scale_a) @ (b * scale_b)`` in float32 from float8 matrices, by
+    ``torch._scaled_mm`` (FP32 accumulation, ``use_fast_accum=False``).
+
+    ``a`` is made row-major and ``b`` column-major, as cuBLASLt wants; with ``pad_to``
+    (default 16 on CUDA, where every dimension must be a multiple of 16, else 1) the
+    operands are zero padded, which adds exact zeros to every sum, and the result cut back.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"float8_mm needs [m, k] @ [k, n] matrices, got {tuple(a.shape)} @ "
+                         f"{tuple(b.shape)}")
+    if pad_to is None:
+        pad_to = 16 if a.is_cuda else 1
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise ValueError(f"pad_to must be a positive int, got {pad_to!r}")
+    m, k = a.shape
+    n = b.shape[1]
+
+    def up(v: int) -> int:
+        return -(-v // pad_to) * pad_to
+
+    a2 = _padded(a, up(m), up(k))
+    b2 = _padded(b.t(), up(n), up(k)).t()  # column-major [k, n]
+    out = torch._scaled_mm(a2, b2, scale_a=scale_a.float().reshape(()),
+                           scale_b=scale_b.float().reshape(()), out_dtype=torch.float32,
+                           use_fast_accum=False)
+    return out[:m, :n]
+
+
+@dataclass(frozen=True)
+class _Float8Operand:
+    fmt: Any
+    scaling: str
+
+
+def _operand(spec: QuantSpec | None, what: str, backward: bool) -> _Float8Operand:
+    """How a GEMM input rounded by ``spec`` is stored in float8 (or a ValueError)."""
+    if spec is None or not spec.enabled:
+        raise ValueError(f"the real-FP8 gemms need the {what} quantized to e5m2 or e4m3; it "
+                         "is left in FP32 (use the simulated gemm for this layer)")
+    name = spec.format_name
+    if name not in _FLOAT8_DTYPES:
+        raise ValueError(f"the real-FP8 gemms store e5m2 or e4m3; the {what} is {name!r}")
+    if spec.granularity != "tensor":
+        raise ValueError(f"the real-FP8 gemms take one scale per tensor; the {what} is scaled "
+                         f"per {spec.granularity!r}")
+    if spec.observer == "none":
+        return _Float8Operand(spec.format, "none")
+    if spec.observer == "dynamic":
+        return _Float8Operand(spec.format, "pow2" if backward else "amax")
+    raise ValueError(f"the real-FP8 gemms need the {what} scale from the tensor itself "
+                     f"(observer 'none' or 'dynamic'), got observer {spec.observer!r}")
+
+
+@dataclass(frozen=True)
+class _Float8Plan:
+    x: _Float8Operand
+    w: _Float8Operand
+    error: _Float8Operand
+    wgrad_error: _Float8Operand | None  # None: "same"
+
+
+def _parse_or_none(spec: Any) -> QuantSpec | None:
+    return None if spec is None else QuantSpec.parse(spec)
+
+
+def _mm8(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, str]:
+    """(a8 * sa) @ (b8 * sb) on the float8 kernel where there is one, else in float32."""
+    (a8, sa), (b8, sb) = a, b
+    if scaled_mm_supported(a8.device, a8.dtype, b8.dtype):
+        return float8_mm(a8, b8, sa, sb), "scaled_mm"
+    return (a8.float() * sa).mm(b8.float() * sb), "float"
+
+
+def _deq(t: tuple[Tensor, Tensor]) -> Tensor:
+    return t[0].float() * t[1]
+
+
+class _Float8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, plan, fplan):  # noqa: D102
+        x2 = x.reshape(-1, x.shape[-1])
+        x8 = to_float8(x2, fplan.x.fmt, scaling=fplan.x.scaling)
+        w8 = to_float8(w, fplan.w.fmt, scaling=fplan.w.scaling)
+        wt8 = (w8[0].t(), w8[1])
+        y, kernel = _mm8(x8, wt8)
+        _record("forward", _deq(x8).reshape(x.shape), _deq(w8), plan.tag, kernel)
+        if b is not None:
+            y = y + b
+        ctx.save_for_backward(x8[0], x8[1], w8[0], w8[1])
+        ctx.plan, ctx.fplan, ctx.x_shape = plan, fplan, x.shape
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # noqa: D102
+        x8, sx, w8, sw = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        fplan: _Float8Plan = ctx.fplan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        e, ew = plan.errors(g, need_x, need_w or need_b)
+        e2 = e.reshape(-1, e.shape[-1])
+        e8 = to_float8(e2, fplan.error.fmt, scaling=fplan.error.scaling) if (
+            need_x or fplan.wgrad_error is None) else None
+        gx = gw = gb = None
+        if need_x:
+            gx, kernel = _mm8(e8, (w8, sw))
+            _record("dgrad", _deq(e8).reshape(e.shape), _deq((w8, sw)), plan.tag, kernel)
+            gx = gx.reshape(ctx.x_shape)
+        if need_w or need_b:
+            ew2 = ew.reshape(-1, ew.shape[-1])
+            if fplan.wgrad_error is None:
+                ew8 = e8
+            else:
+                ew8 = to_float8(ew2, fplan.wgrad_error.fmt, scaling=fplan.wgrad_error.scaling)
+            if need_w:
+                gw, kernel = _mm8((ew8[0].t(), ew8[1]), (x8, sx))
+                _record("wgrad", _deq(ew8), _deq((x8, sx)), plan.tag, kernel)
+                gw = quantize_backward(gw, plan.wgrad, plan.generator)
+                _record("weight_grad", gw, None, plan.tag)
+            if need_b:
+                gb = ew2.sum(0)
+        return gx, gw, gb, None, None
+
+
+def float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                  x_spec: Any, weight_spec: Any, error: Any,
+                  backward: QuantizedBackward | None = None,
+                  generator: torch.Generator | None = None, _tag: Any = None) -> Tensor:
+    """:func:`quantized_linear` with its three GEMMs run on real float8 tensors
+    (:func:`to_float8`, :func:`float8_mm`).
+
+    ``x`` and ``weight`` must already be rounded by ``x_spec`` and ``weight_spec`` (what the
+    module's quantizers do); those specs, the ``error`` spec and the wgrad error copy must
+    be per-tensor e5m2/e4m3, unscaled (observer ``"none"``) or ``"dynamic"``. The rounding
+    (and the random draws of stochastic rounding) are those of :func:`quantized_linear`,
+    so the two agree up to the order of the FP32 accumulation.
+    """
+    backward = backward or QuantizedBackward()
+    plan = _plan(error, backward, generator, _tag)
+    same = isinstance(backward.wgrad_error, str)
+    fplan = _Float8Plan(
+        _operand(_parse_or_none(x_spec), "input activation", False),
+        _operand(_parse_or_none(weight_spec), "weight", False),
+        _operand(plan.error, "error", True),
+        None if same else _operand(backward.wgrad_error, "weight-gradient error copy", True),
+    )
+    return _Float8LinearFn.apply(x, weight, bias, plan, fplan)
+
+
 # ------------------------------------------------------------------------------ the gemms
 _QGEMMS: dict[str, QuantizedBackward] = {}
 
@@ -409,9 +682,19 @@ def _module_error(module: nn.Module) -> tuple[QuantSpec | None, torch.Generator 
     return (gq.spec if gq.spec.enabled else None), gq.generator
 
 
-def _make_gemm(cfg: QuantizedBackward):
+def _quantizer_spec(q: Any) -> QuantSpec | None:
+    return None if q is None else q.spec
+
+
+def _make_gemm(cfg: QuantizedBackward, kernel: str = "simulated"):
     def gemm(module: nn.Module, x: Tensor, w: Tensor) -> Tensor:
         error, generator = _module_error(module)
+        if kernel == "scaled_mm" and isinstance(module, nn.Linear):
+            return float8_linear(x, w, module.bias,
+                                 x_spec=_quantizer_spec(getattr(module, "act_quant", None)),
+                                 weight_spec=_quantizer_spec(getattr(module, "weight_quant",
+                                                                     None)),
+                                 error=error, backward=cfg, generator=generator, _tag=module)
         if isinstance(module, nn.Conv2d):
             padding: Any = module.padding
             if module.padding_mode != "zeros" or isinstance(padding, str):
@@ -433,19 +716,28 @@ def _make_gemm(cfg: QuantizedBackward):
     return gemm
 
 
+_KERNELS = ("simulated", "scaled_mm")
+
+
 def register_qgemm(name: str, backward: QuantizedBackward | None = None, *,
-                   wgrad_error: Any = _SAME, wgrad: Any = None,
+                   wgrad_error: Any = _SAME, wgrad: Any = None, kernel: str = "simulated",
                    overwrite: bool = False) -> QuantizedBackward:
     """Register a quantized-backward gemm under ``name`` (usable as ``QuantScheme(gemm=name)``).
 
     Pass a :class:`QuantizedBackward`, or its fields ``wgrad_error`` and ``wgrad``. The error
-    sent to the layer below is rounded by each module's own ``grad`` spec.
+    sent to the layer below is rounded by each module's own ``grad`` spec. ``kernel``:
+    ``"simulated"`` (float products of the rounded values) or ``"scaled_mm"`` (Linear layers
+    multiply real float8 tensors, see :func:`float8_linear`; convolutions stay simulated).
     """
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel must be one of {list(_KERNELS)}, got {kernel!r}")
     if backward is None:
         backward = QuantizedBackward(wgrad_error=wgrad_error, wgrad=wgrad)
     elif not isinstance(backward, QuantizedBackward):
         raise TypeError(f"backward must be a QuantizedBackward, got {type(backward).__name__}")
-    register_gemm(name, _make_gemm(backward), overwrite=overwrite)
+    if kernel == "scaled_mm" and not isinstance(backward.wgrad_error, str):
+        _operand(backward.wgrad_error, "weight-gradient error copy", True)  # raises if not FP8
+    register_gemm(name, _make_gemm(backward, kernel), overwrite=overwrite)
     _QGEMMS[name] = backward
     return backward
 
@@ -469,3 +761,6 @@ register_qgemm("bifurcated-fp32", wgrad_error=None)
 register_qgemm("fp8", wgrad_error=_SAME, wgrad="e5m2")
 register_qgemm("fp8-nearest", wgrad_error=_SAME,
                wgrad=QuantSpec("e5m2", observer="none", rounding="nearest"))
+register_qgemm("fp8-scaled-mm", get_qgemm("fp8"), kernel="scaled_mm")
+register_qgemm("fp8-nearest-scaled-mm", get_qgemm("fp8-nearest"), kernel="scaled_mm")
+register_qgemm("fp8-hybrid-scaled-mm", get_qgemm("qbackward"), kernel="scaled_mm")
