@@ -356,6 +356,19 @@ def test_error_uncalibrated_named():
         to_integer(fq, example_input=torch.randn(2, 1, 8, 8))
 
 
+def test_error_ptq_range_quantizers_named():
+    """A lowbit.ptq model (RangeQuantizer) is one clear error naming the first layer."""
+    from lowbit.ptq import quantize_model
+
+    model = models.create("small_cnn", width=4).eval()
+    calib = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    q, _ = quantize_model(model, calib, w_bits=8, a_bits=8, clip="minmax", bit_alloc=False,
+                          bias_correction=False, num_samples=16, per_channel_acts=False)
+    with pytest.raises(IntegerConversionError,
+                       match=r"layer '0'.*RangeQuantizer.*lowbit\.ptq.*lowbit\.nn\.convert"):
+        to_integer(q, example_input=calib[0])
+
+
 def test_error_dynamic_activation_ranges():
     from lowbit.quant import QuantSpec
 

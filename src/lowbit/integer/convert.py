@@ -147,6 +147,19 @@ def _frac(v: Any) -> Fraction:
     return Fraction(float(v))
 
 
+def _unsupported_quantizer(layer: str, role: str, q: nn.Module) -> IntegerConversionError:
+    msg = f"{role} quantizer {type(q).__name__} is not supported"
+    if type(q).__module__.startswith("lowbit.ptq"):
+        msg += (" (lowbit.ptq models keep per-channel activation ranges and bit widths, "
+                "asymmetric weight grids and bias-correction offsets, which the integer path "
+                "cannot express); for an integer model, convert the float model with "
+                "lowbit.nn.convert(model, 'w8a8') and calibrate it: to_integer(model, "
+                "calib_data)")
+    else:
+        msg += "; use lowbit.nn.Quantizer (lowbit.nn.convert with an integer scheme)"
+    return _err(layer, msg)
+
+
 def _act_grid(layer: str, m: nn.Module) -> Grid:
     from lowbit.formats import IntFormat
     from lowbit.nn.modules import Quantizer
@@ -157,8 +170,7 @@ def _act_grid(layer: str, m: nn.Module) -> Grid:
                           "path needs quantized inputs on every layer (e.g. convert(model, "
                           "'w8a8', first_last='same'))")
     if not isinstance(q, Quantizer):
-        raise _err(layer, f"activation quantizer {type(q).__name__} is not supported; use "
-                          "lowbit.nn.Quantizer (convert() with an integer scheme)")
+        raise _unsupported_quantizer(layer, "activation", q)
     spec = q.spec
     if not spec.enabled:
         raise _err(layer, "its activation quantizer is disabled")
@@ -196,7 +208,7 @@ def _int_weight(layer: str, m: nn.Module) -> tuple[Tensor, list[Fraction]]:
     if wq is None:
         raise _err(layer, "its weights are not quantized (no weight_quant)")
     if not isinstance(wq, Quantizer):
-        raise _err(layer, f"weight quantizer {type(wq).__name__} is not supported")
+        raise _unsupported_quantizer(layer, "weight", wq)
     spec = wq.spec
     fmt = wq.fmt
     if not isinstance(fmt, IntFormat):
