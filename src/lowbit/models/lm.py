@@ -116,7 +116,18 @@ class Block(nn.Module):
 
 
 class TransformerLanguageModel(nn.Module):
-    """Small causal (GPT-style) Transformer LM with learned positions."""
+    """Small causal (GPT-style) Transformer LM with learned positions.
+
+    Every projection is a plain ``nn.Linear`` (``blocks.N.attn.{q,k,v,out}``,
+    ``blocks.N.fc1``, ``blocks.N.fc2``, ``decoder``), so :func:`lowbit.nn.convert` quantizes
+    them all; the two attention products inside ``scaled_dot_product_attention``
+    (``q k^T`` and ``softmax(.) v``), the embeddings and the LayerNorms stay in float. The
+    first layer is the embedding lookup (no GEMM): convert's first/last rule, which picks
+    the first and last Linear by registration order, would keep ``blocks.0.attn.q`` in
+    float, so keep the decoder in float with an override instead::
+
+        convert(model, "fp8", first_last="same", overrides={"decoder": "fp32"})
+    """
 
     def __init__(
         self, vocab_size: int, d_model: int, layers: int, heads: int, d_ff: int, dropout: float,
