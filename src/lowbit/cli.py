@@ -7,6 +7,7 @@
     lowbit recipes
     lowbit summary RECIPE [key=value ...]
     lowbit export CHECKPOINT [--out PATH] [--onnx PATH] [--style integer|qoperator] [key=value]
+    lowbit ptq CHECKPOINT [w_bits=4 a_bits=4 clip=aciq ... | precisions=w8a8,w4a4] [key=value]
 
 ``lowbit train`` with no recipe runs the default: a small CNN on scikit-learn's digits, trained
 in FP32 and as W8A8 QAT, and prints both accuracies side by side. A user error (unknown recipe or
@@ -67,7 +68,26 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx", default=None, metavar="PATH", help="also write an ONNX file")
     x.add_argument("--style", default="integer", choices=["integer", "qoperator"],
                    help="ONNX operators: integer (bit-exact) or qoperator (QLinearConv)")
+    q = sub.add_parser(
+        "ptq", help="post-training quantization of a float checkpoint (ACIQ, bit allocation, "
+                    "bias correction)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize the float model in CHECKPOINT without retraining; write a\n"
+                    "quantized checkpoint (run it with `lowbit eval`) and a report.\n\noptions "
+                    "(key=value):\n"
+                    + "\n".join(f"  {k:<17} {v}" for k, v in _ptq_option_docs().items())
+                    + "\n\nOther key=value items are config overrides (data.root=...).",
+    )
+    q.add_argument("checkpoint", metavar="CHECKPOINT", help="a float .pt file or a run folder")
+    q.add_argument("items", nargs="*", metavar="key=value",
+                   help="e.g. w_bits=4 a_bits=4 clip=aciq variants=true data.root=/data")
     return p
+
+
+def _ptq_option_docs() -> dict[str, str]:
+    from .ptq.run import OPTIONS
+
+    return OPTIONS
 
 
 def _split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -214,8 +234,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ptq(args: argparse.Namespace) -> int:
+    from .ptq import ptq_options, run_ptq, run_ptq_table
+
+    _, items = _split_items(["-", *args.items])
+    options, overrides = ptq_options(items)
+    if "precisions" in options:
+        r = run_ptq_table(args.checkpoint, overrides=overrides, **options)
+        print(Path(r["table_md"]).read_text())
+        print(f"wrote {r['table_md']}, {r['table_json']} and "
+              f"{len(r['rows'])} quantized checkpoints beside them")
+        return 0
+    r = run_ptq(args.checkpoint, overrides=overrides, **options)
+    rows = [[k, _fmt(r[k], pct=k in ("fp32_top1", "top1", "top1_drop"))]
+            for k in ("fp32_top1", "top1", "top1_drop", "output_sqnr_db", "quantize_seconds")]
+    for name, v in r.get("variants", {}).items():
+        rows.append([f"{name} top1", _fmt(v["top1"], pct=True)])
+    print(_table(["metric", "value"], rows))
+    print("\n".join(f"wrote {r[k]}" for k in ("checkpoint", "report_md", "report_json")))
+    return 0
+
+
 _COMMANDS = {"train": cmd_train, "eval": cmd_eval, "recipes": cmd_recipes,
-             "summary": cmd_summary, "export": cmd_export}
+             "summary": cmd_summary, "export": cmd_export, "ptq": cmd_ptq}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -789,6 +789,7 @@ def evaluate(
     """Rebuild the model stored in ``checkpoint`` and evaluate it on its evaluation split.
 
     ``overrides`` may change data settings (``data.root=...``, ``data.eval_split=...``).
+    Post-training quantized checkpoints (``lowbit ptq``) are rebuilt with their quantizers.
     """
     ckpt = load_checkpoint(checkpoint)
     cfg = config_mod.resolve(ckpt["config"], overrides)
@@ -797,6 +798,10 @@ def evaluate(
     seed_everything(cfg["seed"])
     task = build_task(cfg, device=device)
     model = build_model(cfg, task).to(device)
+    if "ptq" in ckpt:  # written by `lowbit ptq`: give the float model the quantized structure
+        from lowbit.ptq import restore_quantized
+
+        restore_quantized(model, ckpt["ptq"])
     load_model_state(model, ckpt, cfg["model"]["name"])
     loss_fn = build_loss(cfg["loss"]["name"], label_smoothing=0.0)
     metrics = evaluate_task(model, task, cfg, loss_fn, device)
