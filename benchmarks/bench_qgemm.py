@@ -15,8 +15,10 @@ ratios are the ones to read on a shared machine.
    "biprecision" of the 8-bit training paper's code (a second forward convolution carries
    the FP32-error weight gradient), which the qgemm design avoids.
 2. One training step of ResNet-20, batch 128 (zero_grad, forward, cross-entropy, backward,
-   SGD): FP32 against w8a8 (no gradient rounding), w8a8g8 with the default gemm and with the
-   bifurcated one, fp8 with the default gemm and with the fp8 one, and fp8-hybrid.
+   SGD): FP32 (and FP32 with Range BN) against w8a8 (no gradient rounding), w8a8g8 with the
+   default gemm, with the bifurcated one and as the 8-bit recipe trains it (8-bit Range BN),
+   fp8 with the default gemm, with the fp8 one and as the FP8 recipe trains it (fp16 master
+   weights with stochastic rounding, enhanced loss scaling), and fp8-hybrid.
 
     python benchmarks/bench_qgemm.py                 # both parts, writes results/qgemm.{json,md}
     python benchmarks/bench_qgemm.py --part layer --repeats 30
@@ -144,25 +146,43 @@ def part_model(batch: int, repeats: int, warmup: int, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
+    from lowbit.train.loss_scaler import EnhancedLossScaler
+    from lowbit.train.master_weights import MasterWeights
+
+    range8 = {"norm": "range", "norm_kwargs": {"act_format": "int8", "grad_format": "int8"}}
+    # name: (scheme, convert kwargs, recipe extras: fp16 master weights + enhanced loss scaling)
     configs = {
-        "fp32": None,
-        "w8a8 (no gradient rounding)": "w8a8",
-        "w8a8g8, default gemm": replace(get_scheme("w8a8g8"), gemm="default"),
-        "w8a8g8, bifurcated": "w8a8g8",
-        "fp8, default gemm": replace(get_scheme("fp8"), gemm="default"),
-        "fp8, fp8 gemm": "fp8",
-        "fp8-hybrid": "fp8-hybrid",
+        "fp32": (None, {}, False),
+        "fp32, Range BN": (None, {"norm": "range"}, False),
+        "w8a8 (no gradient rounding)": ("w8a8", {}, False),
+        "w8a8g8, default gemm": (replace(get_scheme("w8a8g8"), gemm="default"), {}, False),
+        "w8a8g8, bifurcated": ("w8a8g8", {}, False),
+        "w8a8g8, bifurcated, 8-bit Range BN (recipe)": ("w8a8g8", range8, False),
+        "fp8, default gemm": (replace(get_scheme("fp8"), gemm="default"), {}, False),
+        "fp8, fp8 gemm": ("fp8", {}, False),
+        "fp8 + fp16 master + loss scaling (recipe)": ("fp8", {}, True),
+        "fp8-hybrid": ("fp8-hybrid", {}, False),
     }
     fns = {}
-    for name, scheme in configs.items():
-        model = convert(base, scheme)
+    for name, (scheme, kw, recipe) in configs.items():
+        model = convert(base, scheme, **kw)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if recipe:
+            opt = MasterWeights(opt, "fp16", rounding="stochastic", seed=seed)
+            scaler = EnhancedLossScaler()
 
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+            def step(model=model, opt=opt, scaler=scaler):
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(F.cross_entropy(model(x), y)).backward()
+                scaler.unscale_(opt)
+                scaler.step(opt)
+                scaler.update()
+        else:
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
 
         fns[name] = step
     return _interleaved(fns, repeats, warmup, "fp32")
@@ -192,13 +212,15 @@ def markdown(res: dict) -> str:
              "noise (a rounded error does not make a convolution faster: ratios below 1 are "
              "such noise).", ""]
     if "layer" in res:
+        when = f", measured {res['layer_date']}" if res.get("layer_date") else ""
         lines += [f"## One layer, forward + backward, pre-quantized inputs "
-                  f"({res['layer_repeats']} interleaved rounds)", ""]
+                  f"({res['layer_repeats']} interleaved rounds{when})", ""]
         for case in res["layer"]:
             lines += [f"### {case['case']}", "", *_table(case["rows"], "float"), ""]
     if "model" in res:
+        when = f", measured {res['model_date']}" if res.get("model_date") else ""
         lines += [f"## ResNet-20 training step, batch {res['batch']} "
-                  f"({res['model_repeats']} interleaved rounds)", "",
+                  f"({res['model_repeats']} interleaved rounds{when})", "",
                   *_table(res["model"], "fp32"), "",
                   "Goal (issues 6 and 7): an 8-bit / simulated FP8 step at most 1.5x FP32."]
     return "\n".join(lines) + "\n"
@@ -235,6 +257,14 @@ def main(argv: list[str] | None = None) -> dict:
         res["model"] = part_model(a.batch, a.model_repeats, a.warmup, a.seed)
     res["load_average_after"] = list(os.getloadavg())
     a.out.mkdir(parents=True, exist_ok=True)
+    previous = a.out / "qgemm.json"
+    if a.part != "both" and previous.is_file():  # keep the part not re-measured, with its date
+        old = json.loads(previous.read_text())
+        other = "model" if a.part == "layer" else "layer"
+        if other in old:
+            res[other] = old[other]
+            res[f"{other}_repeats"] = old.get(f"{other}_repeats")
+            res[f"{other}_date"] = old.get(f"{other}_date", old.get("date"))
     (a.out / "qgemm.json").write_text(json.dumps(res, indent=2))
     md = markdown(res)
     (a.out / "qgemm.md").write_text(md)
