@@ -150,7 +150,10 @@ class RunningStats:
         """Columns ``idx`` (flat indices over the other dims, in order) as [rows, len(idx)]."""
         lead = x.shape[:axis]
         x3 = x.reshape(int(torch.tensor(lead).prod()) if lead else 1, x.shape[axis], -1)
-        i, j = torch.unravel_index(idx.to(x.device), (x3.shape[0], x3.shape[2]))
+        # integer div/mod rather than torch.unravel_index, whose first call imports ~2 s of
+        # symbolic-shape machinery
+        idx = idx.to(x.device)
+        i, j = torch.div(idx, x3.shape[2], rounding_mode="floor"), torch.remainder(idx, x3.shape[2])
         return x3[i, :, j].t().to(torch.float32).cpu()
 
     def _sample_columns(self, x: Tensor, axis: int, m: int) -> None:
