@@ -270,12 +270,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="test images whose accumulators feed the scheme table")
     ap.add_argument("--limit", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    ap.add_argument("--part", choices=["all", "qat", "ptq"], default="all",
+                    help="measure one part (FP32 and QAT, or PTQ) into integer_resnet20.<part>"
+                         ".json, to run the two in parallel; --merge joins them")
+    ap.add_argument("--merge", action="store_true",
+                    help="join the two part files in --out into integer_resnet20.{json,md}")
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite the .md from the .json in --out")
     args = ap.parse_args(argv)
-    if args.markdown_only:
-        res = json.loads((Path(args.out) / "integer_resnet20.json").read_text())
-        (Path(args.out) / "integer_resnet20.md").write_text(markdown(res))
+    out = Path(args.out)
+    if args.merge:
+        res = json.loads((out / "integer_resnet20.qat.json").read_text())
+        ptq = json.loads((out / "integer_resnet20.ptq.json").read_text())
+        res["models"].update(ptq["models"])
+        res["meta"]["command"] = [res["meta"]["command"], ptq["meta"]["command"]]
+        (out / "integer_resnet20.json").write_text(json.dumps(res, indent=1))
+    if args.markdown_only or args.merge:
+        res = json.loads((out / "integer_resnet20.json").read_text())
+        (out / "integer_resnet20.md").write_text(markdown(res))
         return res
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -288,12 +300,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scheme_x = next(iter(loader))[0][: args.scheme_images]
 
     models: dict[str, torch.nn.Module] = {}
-    qat, _ = checkpoint_model(args.qat, over)
-    models["QAT W8A8"] = qat
-    models["PTQ W8A8"] = ptq_w8a8(fp32, task, args.ptq_images, seed=0)
-
-    print("FP32 ...", flush=True)
-    res: dict[str, Any] = {"fp32": {"top1_torch": top1(fp32, loader, args.limit)}}
+    if args.part in ("all", "qat"):
+        models["QAT W8A8"] = checkpoint_model(args.qat, over)[0]
+    if args.part in ("all", "ptq"):
+        models["PTQ W8A8"] = ptq_w8a8(fp32, task, args.ptq_images, seed=0)
+    res: dict[str, Any] = {}
     calib = []
     from lowbit.data import BatchLoader
 
@@ -308,25 +319,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = time.perf_counter()
         ims[name] = to_integer(fq, example_input=example)
         convert_s[name] = time.perf_counter() - t
-    ort_files = bench.ort_models(fp32, ims["QAT W8A8"], calib, folder)
-    for key in ("ORT fp32", "ORT int8 (quantize_static)"):
-        if key in ort_files:
-            s = onnx_session(ort_files[key], threads=1)
-            res["fp32"][key] = top1(lambda x, s=s: s.run(None, {"input": x.numpy()})[0],
-                                    loader, args.limit)
-    print(res["fp32"], flush=True)
+    if args.part in ("all", "qat"):
+        print("FP32 ...", flush=True)
+        res["fp32"] = {"top1_torch": top1(fp32, loader, args.limit)}
+        ort_files = bench.ort_models(fp32, ims["QAT W8A8"], calib, folder)
+        for key in ("ORT fp32", "ORT int8 (quantize_static)"):
+            if key in ort_files:
+                s = onnx_session(ort_files[key], threads=1)
+                res["fp32"][key] = top1(lambda x, s=s: s.run(None, {"input": x.numpy()})[0],
+                                        loader, args.limit)
+        print(res["fp32"], flush=True)
 
     res["models"] = {}
     for i, (name, fq) in enumerate(models.items()):
         im = ims[name]
-        r = measure(fq, im, loader, folder, f"m{i}", args.limit)
+        r = measure(fq, im, loader, folder, f"m{i}{args.part}", args.limit)
         r["to_integer_seconds"] = convert_s[name]
         r["schemes"] = bench.scheme_disagreements(im, scheme_x)
         r["bit_accounting"] = im.summary()
         r["summary_markdown"] = im.summary_markdown()
         res["models"][name] = r
         print(name, json.dumps(r["top1"]), flush=True)
-    res["lowbit_ptq"] = try_lowbit_ptq(fp32, task, example)
+    if args.part in ("all", "qat"):
+        res["lowbit_ptq"] = try_lowbit_ptq(fp32, task, example)
 
     res["meta"] = {
         "command": "OMP_NUM_THREADS=1 nice -n 5 python experiments/integer_resnet20.py "
@@ -335,7 +350,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "qat": _checkpoint_info(args.qat), "fp32": _checkpoint_info(args.fp32),
         "ptq": {"source": args.fp32, "calibration_images": args.ptq_images,
                 "scheme": "w8a8 (lowbit.nn.convert defaults), observers calibrated"},
-        "scheme_images": args.scheme_images, "test_images": res["models"]["QAT W8A8"]["images"],
+        "scheme_images": args.scheme_images,
+        "test_images": next(iter(res["models"].values()))["images"],
     }
     try:
         import onnxruntime
@@ -343,8 +359,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["meta"]["onnxruntime"] = onnxruntime.__version__
     except ImportError:  # pragma: no cover - the script needs it anyway
         pass
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.part != "all":
+        (out / f"integer_resnet20.{args.part}.json").write_text(json.dumps(res, indent=1))
+        print(f"wrote {out / f'integer_resnet20.{args.part}.json'}")
+        return res
     (out / "integer_resnet20.json").write_text(json.dumps(res, indent=1))
     (out / "integer_resnet20.md").write_text(markdown(res))
     print(f"wrote {out / 'integer_resnet20.md'}")
@@ -358,10 +377,13 @@ def _pct(a: int, b: int) -> str:
 def markdown(res: dict[str, Any]) -> str:
     meta, fp = res["meta"], res["fp32"]
     names = list(res["models"])
+    cmds = meta["command"] if isinstance(meta["command"], list) else [meta["command"]]
     lines = [
         "# Integer-only CIFAR-10 ResNet-20",
         "",
-        f"Generated by `{meta['command'].strip()}` at commit {meta['commit']} (torch "
+        "Generated by " + " and ".join(f"`{c.strip()}`" for c in cmds)
+        + (" (run in parallel, then `python experiments/integer_resnet20.py --merge`)"
+           if len(cmds) > 1 else "") + f" at commit {meta['commit']} (torch "
         f"{meta['torch']}, onnxruntime {meta.get('onnxruntime', '-')}). "
         f"{meta['test_images']} CIFAR-10 test images. QAT: `{meta['qat']['path']}` "
         f"(epoch {meta['qat']['epoch']}); FP32 and the PTQ source: `{meta['fp32']['path']}` "
