@@ -3,16 +3,21 @@
 For rows ``a`` and ``b`` of length ``K`` with entries in ``{-1, +1}`` stored as sign bits,
 ``a · b = K - 2 * popcount(a XOR b)`` (Courbariaux, Hubara et al., BNN/QNN). The compiled CPU
 kernel (``csrc/xnor.cpp``) picks AVX-512 VPOPCNTDQ, AVX2 or scalar popcnt at run time; the
-``"torch"`` backend is a pure-torch reference used when the extension cannot be built.
+``"torch"`` backend is a pure-torch reference used when the extension cannot be built. CUDA
+tensors use the Triton kernel (``triton_xnor.py``, optional ``gpu`` extra) for every backend but
+``"torch"``; without Triton they fall back to the pure-torch path.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 from torch import Tensor
 
 from lowbit.kernels.pack import (
     PackedBits,
+    check_backend,
     extension,
     pack_bits,
     pack_signs,
@@ -20,9 +25,28 @@ from lowbit.kernels.pack import (
     resolve_backend,
 )
 
-__all__ = ["bitplane_matmul", "xnor_matmul"]
+__all__ = ["bitplane_matmul", "uses_triton", "xnor_matmul"]
 
 _TORCH_CHUNK_BYTES = 1 << 20  # working set of the pure-torch path (stays in cache)
+
+
+@cache
+def _triton_available() -> bool:
+    """Whether the Triton kernel module can run (Triton importable); imported only when asked."""
+    from lowbit.kernels import triton_xnor
+
+    return triton_xnor.available()
+
+
+def uses_triton(device: torch.device | str, backend: str) -> bool:
+    """Whether :func:`xnor_matmul` runs the Triton kernel for packed rows on ``device``.
+
+    True only for CUDA devices with a backend other than ``"torch"`` when Triton is installed;
+    CPU tensors always use the compiled CPU kernel or the pure-torch path.
+    """
+    check_backend(backend)
+    device = torch.device(device)
+    return device.type == "cuda" and backend != "torch" and _triton_available()
 
 
 def _as_rows(x: Tensor | PackedBits, name: str, transpose: bool, backend: str) -> PackedBits:
@@ -78,6 +102,7 @@ def xnor_matmul(
     float32 ``float(a @ b) * scale + bias``, fused into the kernel. ``backend``: ``"auto"``,
     ``"avx512"``, ``"avx2"``, ``"scalar"``, ``"torch"``.
     """
+    requested = backend  # "auto" stays a Triton request on CUDA whatever the CPU offers
     backend = resolve_backend(backend)
     pa = _as_rows(a, "a", transpose=False, backend=backend)
     pb = _as_rows(b, "b", transpose=True, backend=backend)
@@ -93,6 +118,11 @@ def xnor_matmul(
     sv = _affine_vector(scale, n, "scale", pa.words.device)
     bv = _affine_vector(bias, n, "bias", pa.words.device)
     out_float = sv is not None or bv is not None
+    if uses_triton(pa.words.device, requested):
+        from lowbit.kernels.triton_xnor import triton_xnor_gemm
+
+        acc = triton_xnor_gemm(pa.words, pb.words, pa.length)
+        return _apply_affine(acc, sv, bv) if out_float else acc
     if backend == "torch" or pa.words.device.type != "cpu":
         acc = _xnor_matmul_torch(pa.words, pb.words, pa.length)
         return _apply_affine(acc, sv, bv) if out_float else acc
@@ -153,6 +183,7 @@ def bitplane_matmul(
             f"x has values in [{lo_x}, {hi_x}], outside the "
             f"{'signed' if signed else 'unsigned'} {bits}-bit range [{lo}, {hi}]"
         )
+    requested = backend
     backend = resolve_backend(backend)
     pw = _as_rows(w, "w", transpose=True, backend=backend)
     m, k = x.shape
@@ -173,10 +204,11 @@ def bitplane_matmul(
     shifts = torch.arange(bits, dtype=torch.int32, device=x.device)
     planes = ((xi.unsqueeze(-2) >> shifts.view(bits, 1)) & 1).bool()  # [M, bits, K]
     # a 0/1 plane b is the ±1 vector s = 2b - 1: set bit (-1) where b == 0
-    dots = xnor_matmul(pack_bits(~planes.reshape(m * bits, k)), pw, backend="torch")
+    # here backend is "torch" or x is not on the CPU (CUDA: the Triton kernel, via xnor_matmul)
+    dots = xnor_matmul(pack_bits(~planes.reshape(m * bits, k)), pw, backend=requested)
     # b·w = (s·w + sum(w)) / 2; sum(w) is the product with the all-(+1) row
     ones = PackedBits(torch.zeros(1, pw.words.shape[1], dtype=torch.int64, device=x.device), k)
-    col_sums = xnor_matmul(ones, pw, backend="torch").to(torch.int64)  # [1, N]
+    col_sums = xnor_matmul(ones, pw, backend=requested).to(torch.int64)  # [1, N]
     coef = [1 << i for i in range(bits)]
     if signed:
         coef[-1] = -coef[-1]
