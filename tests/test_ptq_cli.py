@@ -155,11 +155,11 @@ def test_option_parsing_and_normalisation():
     opts, overrides = ptq_options([
         "w_bits=3", "clip=aciq-laplace", "w_clip=ACIQ-Gaussian", "bias_correction=mean",
         "first_last_bits=none", "bit_alloc=false", "out=/tmp/x", "data.root=/data",
-        "device=cpu", "precisions=w8a8,W4A4",
-    ][:-1])
+        "device=cpu", "per_channel_weights=false",
+    ])
     assert opts == {"w_bits": 3, "clip": "aciq_laplace", "w_clip": "aciq_gaussian",
                     "bias_correction": "mean", "first_last_bits": None, "bit_alloc": False,
-                    "out_dir": "/tmp/x"}
+                    "per_channel_weights": False, "out_dir": "/tmp/x"}
     assert overrides == ["data.root=/data", "device=cpu"]
     assert parse_precisions("w8a8,W4A4") == [(8, 8), (4, 4)]
     assert parse_precisions([(8, 4)]) == [(8, 4)]

@@ -3,8 +3,8 @@
 ACIQ analytical clipping (:func:`aciq_clip`), clipping methods per tensor or per channel
 (:func:`clip_range`), per-channel bit allocation (:func:`allocate_bits`), bias correction
 (:func:`bias_correct`), BatchNorm folding (:func:`fold_batchnorms`) and calibration
-(:func:`calibrate`); :func:`quantize_model` applies them to a model and :func:`run_ptq` (one precision) or
-:func:`run_ptq_table` (the paper's ablation table) to a lowbit checkpoint.
+(:func:`calibrate`); :func:`quantize_model` applies them to a model, :func:`run_ptq` (one
+precision) and :func:`run_ptq_table` (the paper's ablation table) to a lowbit checkpoint.
 """
 
 from .aciq import DISTRIBUTIONS, aciq_clip, aciq_mse, clip_mse, golden_section

@@ -57,6 +57,7 @@ OPTIONS = {
                        "the others; default 8",
     "num_samples": "calibration images; default 512",
     "per_channel_acts": "per-channel activation ranges, true|false; default true",
+    "per_channel_weights": "per-output-channel weight ranges, true|false; default true",
     "percentile": "percentile of the 'percentile' clipping method; default 99.99",
     "variants": "also evaluate the ablation (naive, aciq, bit_alloc, bias_correction, all), "
                 "true|false; default false",
@@ -130,7 +131,7 @@ def check_options(**kw: Any) -> dict[str, Any]:
     for k in ("clip", "w_clip"):
         if k in out:
             out[k] = _clip_method(k, out[k])
-    for k in ("bit_alloc", "per_channel_acts", "variants"):
+    for k in ("bit_alloc", "per_channel_acts", "per_channel_weights", "variants"):
         if k in out:
             out[k] = _bool(k, out[k])
     if "bias_correction" in out:
@@ -251,10 +252,11 @@ def _output_sqnr(ref: nn.Module, q: nn.Module, task: Any, device: torch.device,
 
 
 _QUANT_ARGS = ("clip", "w_clip", "bit_alloc", "bias_correction", "first_last_bits",
-               "num_samples", "per_channel_acts", "percentile")
+               "num_samples", "per_channel_acts", "per_channel_weights", "percentile")
 _DEFAULTS: dict[str, Any] = dict(clip="aciq", w_clip="minmax", bit_alloc=True,
                                  bias_correction=True, first_last_bits=8, num_samples=512,
-                                 per_channel_acts=True, percentile=99.99)
+                                 per_channel_acts=True, per_channel_weights=True,
+                                 percentile=99.99)
 
 
 def _quantize_one(run: _Loaded, w_bits: int, a_bits: int, args: Mapping[str, Any],
@@ -341,12 +343,13 @@ def run_ptq(
 
     ``options`` are those of :data:`OPTIONS` (``clip``, ``w_clip``, ``bit_alloc``,
     ``bias_correction``, ``first_last_bits``, ``num_samples``, ``per_channel_acts``,
-    ``percentile``, ``variants``, ``calib_seed``), checked before anything runs. Writes
-    ``out_dir`` (default ``<checkpoint folder>/ptq-w{w}a{a}``) with ``model.pt`` (a lowbit
-    checkpoint with a ``"ptq"`` structure record that ``lowbit eval`` rebuilds), ``report.md``
-    and ``report.json``. With ``variants`` the paper's ablation (naive, ACIQ, bit allocation,
-    bias correction, all) is evaluated too. Returns a dict with the paths, ``fp32_top1``,
-    ``top1``, ``output_sqnr_db``, the timings and the :class:`PTQReport`.
+    ``per_channel_weights``, ``percentile``, ``variants``, ``calib_seed``), checked before
+    anything runs. Writes ``out_dir`` (default ``<checkpoint folder>/ptq-w{w}a{a}``) with
+    ``model.pt`` (a lowbit checkpoint with a ``"ptq"`` structure record that ``lowbit eval``
+    rebuilds), ``report.md`` and ``report.json``. With ``variants`` the paper's ablation
+    (naive, ACIQ, bit allocation, bias correction, all) is evaluated too. Returns a dict with
+    the paths, ``fp32_top1``, ``top1``, ``output_sqnr_db``, the timings and the
+    :class:`PTQReport`.
     """
     if "precisions" in options:
         raise ValueError("run_ptq takes w_bits/a_bits; use run_ptq_table for precisions")
