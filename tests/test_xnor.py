@@ -376,3 +376,14 @@ def test_pack_binary_model_leaves_non_binary_layers() -> None:
         PackedBinaryLinear.from_linear(qa)
     with pytest.raises(ValueError, match="only binary weights"):
         PackedBinaryLinear.from_linear(lnn.QLinear(20, 30, weight="int8", act="binary"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("m,k,n", [(2, 0, 3), (0, 5, 3), (2, 5, 0)])
+def test_empty_operands(backend, m, k, n):
+    from lowbit.kernels import xnor_matmul as top_level  # the package exports it
+
+    a, b = torch.ones(m, k), -torch.ones(k, n)
+    out = top_level(a, b, backend=backend)
+    assert out.shape == (m, n) and out.dtype == torch.int32
+    assert torch.equal(out, (a @ b).to(torch.int32))

@@ -156,6 +156,9 @@ def pack_signs(x: Tensor, *, backend: str = "auto") -> PackedBits:
         raise TypeError("x must be real, got a complex tensor")
     backend = resolve_backend(backend)
     k = x.shape[-1]
+    if x.numel() == 0:  # no rows or no columns: nothing to pack
+        return PackedBits(torch.zeros(*x.shape[:-1], num_words(k), dtype=torch.int64,
+                                      device=x.device), k)
     if backend != "torch" and x.dtype == torch.float32 and x.device.type == "cpu":
         ext = extension()
         rows = x.reshape(-1, k).contiguous()
