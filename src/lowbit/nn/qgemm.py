@@ -607,7 +607,8 @@ class _Float8LinearFn(torch.autograd.Function):
         w8 = to_float8(w, fplan.w.fmt, scaling=fplan.w.scaling)
         wt8 = (w8[0].t(), w8[1])
         y, kernel = _mm8(x8, wt8)
-        _record("forward", _deq(x8).reshape(x.shape), _deq(w8), plan.tag, kernel)
+        if _recorders:  # dequantize only for a recorder
+            _record("forward", _deq(x8).reshape(x.shape), _deq(w8), plan.tag, kernel)
         if b is not None:
             y = y + b
         ctx.save_for_backward(x8[0], x8[1], w8[0], w8[1])
@@ -628,7 +629,8 @@ class _Float8LinearFn(torch.autograd.Function):
         gx = gw = gb = None
         if need_x:
             gx, kernel = _mm8(e8, (w8, sw))
-            _record("dgrad", _deq(e8).reshape(e.shape), _deq((w8, sw)), plan.tag, kernel)
+            if _recorders:  # dequantize only for a recorder
+                _record("dgrad", _deq(e8).reshape(e.shape), _deq((w8, sw)), plan.tag, kernel)
             gx = gx.reshape(ctx.x_shape)
         if need_w or need_b:
             ew2 = ew.reshape(-1, ew.shape[-1])
@@ -638,7 +640,8 @@ class _Float8LinearFn(torch.autograd.Function):
                 ew8 = to_float8(ew2, fplan.wgrad_error.fmt, scaling=fplan.wgrad_error.scaling)
             if need_w:
                 gw, kernel = _mm8((ew8[0].t(), ew8[1]), (x8, sx))
-                _record("wgrad", _deq(ew8), _deq((x8, sx)), plan.tag, kernel)
+                if _recorders:  # dequantize only for a recorder
+                    _record("wgrad", _deq(ew8), _deq((x8, sx)), plan.tag, kernel)
                 gw = quantize_backward(gw, plan.wgrad, plan.generator)
                 _record("weight_grad", gw, None, plan.tag)
             if need_b:
