@@ -1,4 +1,8 @@
-"""Optional compiled CPU kernels for the integer executor: fused requantization and int8 im2col.
+"""Optional compiled CPU kernels for the integer executor.
+
+Two modules: :func:`extension` (fused requantization and int8 im2col, any x86-64) and
+:func:`vnni` (the int8 convolution of ``csrc/conv_vnni.cpp`` with the requantization fused into
+its epilogue, for CPUs with AVX-512 VNNI).
 
 Built with ``torch.utils.cpp_extension.load_inline`` the first time they are needed (cached in
 ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Set ``LOWBIT_NO_EXT=1`` (or
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 _SOURCE = r"""
@@ -151,3 +156,32 @@ def extension() -> ModuleType | None:
                           "using pure-torch code", RuntimeWarning, stacklevel=2)
             _state["mod"] = None
     return _state["mod"]
+
+
+_VNNI_FUNCTIONS = ["vnni_supported", "pack_conv_weight", "conv2d_requant"]
+
+
+def vnni() -> ModuleType | None:
+    """The AVX-512 VNNI convolution module (``csrc/conv_vnni.cpp``), or None.
+
+    None when disabled (``LOWBIT_NO_EXT``), when the build fails, or when the CPU lacks
+    AVX-512 VNNI (the kernel is compiled for that target only and never runs elsewhere).
+    """
+    if disabled():
+        return None
+    if "vnni" not in _state:
+        _state["vnni"] = None
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            src = (Path(__file__).parent / "csrc" / "conv_vnni.cpp").read_text()
+            mod = load_inline(
+                name="lowbit_integer_vnni_v1", cpp_sources=[src],
+                functions=_VNNI_FUNCTIONS,
+                extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
+                verbose=False)
+            _state["vnni"] = mod if mod.vnni_supported() else None
+        except Exception as err:  # no compiler, old assembler, ...: use the other paths
+            warnings.warn(f"lowbit.integer: VNNI convolution unavailable ({err}); "
+                          "using the im2col path", RuntimeWarning, stacklevel=2)
+    return _state["vnni"]

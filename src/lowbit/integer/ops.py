@@ -35,6 +35,8 @@ __all__ = [
     "make_requantizer",
     "int_linear",
     "int_conv2d",
+    "Conv2dKernel",
+    "ResidualEpilogue",
     "BACKENDS",
 ]
 
@@ -200,6 +202,20 @@ def _as_int8(x: Tensor, zero_point: int) -> tuple[Tensor, int]:
     raise TypeError(f"activations must be int8 or uint8, got {x.dtype}")
 
 
+def _row_major(t: Tensor) -> Tensor:
+    """``t`` with strides ``(cols, 1)``; a size-1 dimension can carry any stride after
+    ``.t().contiguous()``, and torch's CPU ``_int_mm`` misreads a ``[1, N]`` right operand with
+    strides ``(1, 1)`` (garbage accumulators for K = 1, seen with torch 2.13)."""
+    if t.stride() == (t.shape[1], 1):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t)
+
+
+def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``torch._int_mm`` (int8 x int8 -> int32) on row-major operands."""
+    return torch._int_mm(_row_major(a), _row_major(b))
+
+
 def _check_weight(weight: Tensor) -> Tensor:
     if weight.dtype != torch.int8:
         raise TypeError(f"weight must be int8 (4-bit weights held in int8), got {weight.dtype}")
@@ -213,7 +229,7 @@ def int_linear(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
     x8, z = _as_int8(x, int(input_zero_point))
     lead = x8.shape[:-1]
     x2 = x8.reshape(-1, x8.shape[-1])
-    acc = torch._int_mm(x2, weight.t().contiguous())
+    acc = _int_mm(x2, weight.t())
     zs = z * weight.to(torch.int64).sum(1)
     return requant(acc, dim=-1, backend=backend, acc_offset=zs).reshape(*lead, weight.shape[0])
 
@@ -239,10 +255,12 @@ def _im2col_torch(x8: Tensor, kh: int, kw: int, sh: int, sw: int, ph: int, pw: i
 def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_point: int,
                stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
                backend: str = "auto") -> Tensor:
-    """Integer 2-D convolution (NCHW) as im2col + ``torch._int_mm``, then requantization.
+    """Integer 2-D convolution (NCHW) with per-channel requantization; integer ops only.
 
-    Padding holds the input zero point, i.e. real zeros, as in the float model. ``backend``
-    picks the compiled im2col/requantization or the pure-torch code (identical results).
+    Padding holds the input zero point, i.e. real zeros, as in the float model. ``backend``:
+    ``"torch"`` (im2col + ``torch._int_mm``), ``"compiled"`` (the AVX-512 VNNI kernel of
+    :class:`Conv2dKernel` where the CPU has it, else the compiled im2col) or ``"auto"``.
+    Identical results on every path; the VNNI path returns a channels-last tensor.
     """
     _check_weight(weight)
     if x.dim() != 4:
@@ -255,6 +273,12 @@ def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
         raise ValueError(f"channels {c} / weight {tuple(weight.shape)} / groups {groups} "
                          "do not match")
     og = o // groups
+    if _use_ext(backend) and groups == 1 and x.dtype in (torch.int8, torch.uint8):
+        k = Conv2dKernel(weight, requant, input_zero_point=int(input_zero_point),
+                         input_dtype=x.dtype, stride=(sh, sw), padding=(ph, pw),
+                         dilation=(dh, dw))
+        if k.compiled:
+            return k(x)
     if _use_ext(backend):  # channel-major: acc^T = W · cols^T, then one layout change
         z = int(input_zero_point) - (128 if x.dtype == torch.uint8 else 0)
         if x.dtype not in (torch.int8, torch.uint8):
@@ -266,7 +290,7 @@ def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
             xg = x[:, g * cg:(g + 1) * cg] if groups > 1 else x
             cols_t = _ext.extension().im2col_t(xg.contiguous(), kh, kw, sh, sw, ph, pw, dh, dw,
                                                z)
-            accs.append(torch._int_mm(weight[g * og:(g + 1) * og].reshape(og, -1), cols_t))
+            accs.append(_int_mm(weight[g * og:(g + 1) * og].reshape(og, -1), cols_t))
         acc = accs[0] if groups == 1 else torch.cat(accs, 0)
         zs = z * weight.reshape(o, -1).to(torch.int64).sum(1)
         y = requant(acc, dim=0, backend=backend, acc_offset=zs)
@@ -276,9 +300,174 @@ def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
     for g in range(groups):
         xg = x8[:, g * cg:(g + 1) * cg] if groups > 1 else x8
         cols, oh, ow = _im2col_torch(xg, kh, kw, sh, sw, ph, pw, dh, dw, z)
-        accs.append(torch._int_mm(cols, weight[g * og:(g + 1) * og].reshape(og, -1).t()
-                                  .contiguous()))
+        accs.append(_int_mm(cols, weight[g * og:(g + 1) * og].reshape(og, -1).t()))
     acc = accs[0] if groups == 1 else torch.cat(accs, 1)
     zs = z * weight.reshape(o, -1).to(torch.int64).sum(1)
     y = requant(acc, dim=-1, backend="torch", acc_offset=zs)
     return y.reshape(n, oh, ow, o).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class ResidualEpilogue:
+    """A residual add folded into a convolution's epilogue (integers per output channel ``o``).
+
+    Before the requantization rule, the accumulator ``acc - zs`` becomes::
+
+        x = clamp(gain[o]·(acc - zs) + lut[o, s'], clamp_lo[o], clamp_hi[o])
+
+    with ``s`` the shortcut's 8-bit value at the same position, ``s' = s`` for uint8 and
+    ``s + 128`` for int8 shortcuts (``lut`` holds the shortcut's own requantization for every
+    byte value). All tensors int64: ``gain``/``clamp_lo``/``clamp_hi`` ``[O]``, ``lut [O, 256]``.
+    """
+
+    gain: Tensor
+    lut: Tensor
+    clamp_lo: Tensor
+    clamp_hi: Tensor
+
+
+_OUT_KINDS = {torch.int8: 0, torch.uint8: 1, torch.int32: 2}
+
+
+class Conv2dKernel:
+    """One integer conv2d layer prepared once (weights packed, per-channel constants laid out).
+
+    ``kernel(x)`` equals :func:`int_conv2d` with the same arguments (``groups=1``);
+    ``kernel(x, shortcut)`` also folds a :class:`ResidualEpilogue` in. The result is NCHW-shaped
+    with channels-last memory. ``compiled`` tells whether the AVX-512 VNNI kernel runs (the
+    input copied once to padded NHWC bytes, ``vpdpbusd`` int32 tiles kept in registers, the
+    requantization rule in int64 on those registers, 8-bit or int32 stores); otherwise (no
+    VNNI, no compiler, ``LOWBIT_NO_EXT=1``, a layer outside its limits, ``backend="torch"``)
+    the pure-torch im2col + ``torch._int_mm`` path gives the same integers.
+    """
+
+    def __init__(self, weight: Tensor, requant: Requantizer, *, input_zero_point: int,
+                 input_dtype: torch.dtype, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, residual: ResidualEpilogue | None = None,
+                 backend: str = "auto") -> None:
+        _check_weight(weight)
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be [O, C, KH, KW], got {tuple(weight.shape)}")
+        if input_dtype not in (torch.int8, torch.uint8):
+            raise TypeError(f"input_dtype must be torch.int8 or torch.uint8, got {input_dtype}")
+        o, c, kh, kw = weight.shape
+        if requant.channels != o:
+            raise ValueError(f"requant has {requant.channels} channels, the weight {o}")
+        self.weight, self.requant, self.residual = weight, requant, residual
+        self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.input_dtype = input_dtype
+        self.z = int(input_zero_point)
+        lo, hi = (-128, 127) if input_dtype == torch.int8 else (0, 255)
+        if not lo <= self.z <= hi:
+            raise ValueError(f"input_zero_point {self.z} is outside the {input_dtype} range")
+        flip = 128 if input_dtype == torch.int8 else 0
+        self.zu8 = self.z + flip  # the zero point of the uint8 view (int8 values + 128)
+        self.row_sums = weight.reshape(o, -1).to(torch.int64).sum(1)
+        if residual is not None:
+            for name in ("gain", "clamp_lo", "clamp_hi"):
+                t = getattr(residual, name)
+                if t.dtype != torch.int64 or t.shape != (o,):
+                    raise ValueError(f"residual.{name} must be int64 [{o}]")
+            if residual.lut.dtype != torch.int64 or residual.lut.shape != (o, 256):
+                raise ValueError(f"residual.lut must be int64 [{o}, 256]")
+        self._mod = self._prepare(backend)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls run the AVX-512 VNNI kernel."""
+        return self._mod is not None
+
+    def _prepare(self, backend: str) -> Any:
+        if not _use_vnni(backend):
+            return None
+        r = self.requant
+        o, c, kh, kw = self.weight.shape
+        k = r.shift
+        fits = (r.dtype in _OUT_KINDS
+                and (r.dtype != torch.int32 or (-(2**31) <= r.qmin and r.qmax < 2**31))
+                and int(k.min()) >= 0 and int(k.max()) <= 63
+                and (c + 3) // 4 * 4 * kh * kw * 255 * 128 < 2**31
+                and (self.residual is None or (int(self.residual.lut.min()) >= -(2**31)
+                                               and int(self.residual.lut.max()) < 2**31)))
+        if not fits:
+            return None
+        mod = _ext.vnni()
+        op = (o + 15) // 16 * 16
+
+        def pad(t: Tensor, fill: int = 0) -> Tensor:
+            out = torch.full((op, *t.shape[1:]), fill, dtype=torch.int64)
+            out[:o] = t.to(torch.int64)
+            return out
+
+        mask = torch.tensor([(1 << int(v)) - 1 for v in k.tolist()], dtype=torch.int64)
+        res = self.residual
+        gain = res.gain if res is not None else torch.ones(o, dtype=torch.int64)
+        self._params = torch.stack([pad(self.zu8 * self.row_sums), pad(r.multiplier),
+                                    pad(r.offset), pad(k), pad(mask), pad(r.window),
+                                    pad(gain)]).contiguous()
+        if res is not None:
+            self._lut = pad(res.lut).to(torch.int32).contiguous()  # values fit: checked
+            self._clamp = torch.stack([pad(res.clamp_lo), pad(res.clamp_hi)]).contiguous()
+        else:
+            self._lut = self._clamp = torch.empty(0, dtype=torch.int64)
+        self._packed = mod.pack_conv_weight(self.weight.contiguous())
+        self._out_kind = _OUT_KINDS[r.dtype]
+        return mod
+
+    def _output_size(self, h: int, w: int) -> tuple[int, int]:
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        kh, kw = self.weight.shape[2:]
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def __call__(self, x: Tensor, shortcut: Tensor | None = None) -> Tensor:
+        """The layer on ``x [N, C, H, W]`` (any memory format); ``shortcut [N, O, OH, OW]``
+        8-bit, required exactly when the kernel has a residual epilogue."""
+        if x.dtype != self.input_dtype or x.dim() != 4 or x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"x must be {self.input_dtype} [N, {self.weight.shape[1]}, H, W], "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        if (shortcut is None) != (self.residual is None):
+            raise ValueError("pass a shortcut exactly when the kernel has a residual epilogue")
+        n = x.shape[0]
+        o = self.weight.shape[0]
+        oh, ow = self._output_size(x.shape[2], x.shape[3])
+        sc = None
+        if shortcut is not None:
+            if shortcut.dtype not in (torch.int8, torch.uint8) or tuple(shortcut.shape) != (
+                    n, o, oh, ow):
+                raise ValueError(f"shortcut must be 8-bit [{n}, {o}, {oh}, {ow}], got "
+                                 f"{shortcut.dtype} {tuple(shortcut.shape)}")
+            sc = shortcut.permute(0, 2, 3, 1).contiguous()  # NHWC bytes
+        if self._mod is not None:
+            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+            kh, kw = self.weight.shape[2:]
+            r = self.requant
+            y = self._mod.conv2d_requant(
+                x, self._packed, o, kh, kw, sh, sw, ph, pw, dh, dw, self.zu8, self._params,
+                r.zero_point, r.qmin, r.qmax, self._out_kind, sc is not None,
+                sc if sc is not None else self._lut, self._lut, self._clamp)
+        else:
+            y = self._torch(x, sc, oh, ow)
+        return y.permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+
+    def _torch(self, x: Tensor, sc: Tensor | None, oh: int, ow: int) -> Tensor:
+        """The reference path: im2col + ``torch._int_mm``, epilogue in int64 torch ops."""
+        x8, z = _as_int8(x, self.z)
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        o, _, kh, kw = self.weight.shape
+        cols, _, _ = _im2col_torch(x8, kh, kw, sh, sw, ph, pw, dh, dw, z)
+        acc = _int_mm(cols, self.weight.reshape(o, -1).t())  # [R, O]
+        zs = z * self.row_sums
+        if sc is None:
+            y = self.requant(acc, dim=-1, backend="torch", acc_offset=zs)
+        else:
+            res = self.residual
+            s = sc.reshape(-1, o).to(torch.int64) + (128 if sc.dtype == torch.int8 else 0)
+            v = res.gain * (acc.to(torch.int64) - zs) + torch.gather(res.lut.t(), 0, s)
+            v = torch.minimum(torch.maximum(v, res.clamp_lo), res.clamp_hi)
+            y = self.requant(v, dim=-1, backend="torch")
+        return y.reshape(x.shape[0], oh, ow, o)
+
+
+def _use_vnni(backend: str) -> bool:
+    return _use_ext(backend) and _ext.vnni() is not None

@@ -1,0 +1,346 @@
+// lowbit: int8 convolution on AVX-512 VNNI with the fixed-point requantization in the epilogue.
+//
+// Activations are bytes (uint8, or int8 moved to uint8 by v ^ 0x80 == v + 128, the zero point
+// moving with them), weights int8: vpdpbusd multiplies 4 u8 x s8 pairs and adds them to an
+// int32 lane without saturation, so the int32 sum is exact (|acc| < K * 255 * 128 < 2^31 for
+// K < 65,000). The accumulator tile stays in registers; the epilogue applies, per output
+// channel o, in int64 with wrap-around exactly as the torch reference does:
+//
+//   x = acc - zs[o]      (zs = z_u8 * sum of the weights; the int32 tile starts at -zs)
+//   [residual] x = clamp(g[o] * x + lut[o][s], lo[o], hi[o])   (s: the shortcut byte)
+//   v = x * M[o] + C[o];  q = v >> k[o];  q -= (v & (2^k - 1)) < w[o] and q odd
+//   y = clamp(q + zp, qmin, qmax)
+//
+// Layout: the input is copied once into a padded NHWC uint8 buffer (padding holds the zero
+// point; channels padded to a multiple of 4, with zero weights), so the inner loop has no
+// bounds checks; output NHWC [N*OH*OW, O]. The VNNI code is compiled for that target only
+// (function attributes) and used only when the CPU reports avx512_vnni.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#define LOWBIT_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
+namespace {
+
+// per-channel parameter rows of the int64 [8, OP] table
+enum Row { ZS = 0, MUL, OFF, SHIFT, MASK, WIN, GAIN, NROWS_BASE };
+
+struct Epilogue {
+  const int64_t* p;     // [NROWS_BASE, OP]: zs, mul, off, shift, mask, win, gain
+  const int64_t* clo;   // [OP] residual clamp (nullptr: no residual)
+  const int64_t* chi;
+  const int32_t* lut;   // [OP, 256] (nullptr: no residual)
+  const uint8_t* sc;    // shortcut bytes [R, O]
+  bool sc_signed;
+  const uint8_t* ties;  // [OB] whether a 16-channel block has any tie window
+  int64_t OP;
+  int64_t zp, qmin, qmax;
+  int out_kind;         // 0 int8, 1 uint8, 2 int32
+  void* out;
+  int64_t O;
+};
+
+// One 16-channel block [o, o + 16) of np pixels from r0: the rule on int64 lanes, parameters
+// held in registers across the pixels. acc: the int32 tile minus zs ([np][ld]).
+// OUTK: 0 int8, 1 uint8, 2 int32 outputs; RES: with the residual terms.
+template <int OUTK, bool RES>
+LOWBIT_VNNI static void epilogue_block(const Epilogue& e, const int32_t* __restrict acc,
+                                       int64_t ld, int64_t np, int64_t r0, int64_t o) {
+  const int64_t* p = e.p;
+  const int64_t OP = e.OP, O = e.O;
+#define LOWBIT_PAIR(NAME, PTR) \
+  const __m512i NAME##0 = _mm512_loadu_si512(PTR); \
+  const __m512i NAME##1 = _mm512_loadu_si512((PTR) + 8);
+  LOWBIT_PAIR(mul, p + MUL * OP + o)
+  LOWBIT_PAIR(off, p + OFF * OP + o)
+  LOWBIT_PAIR(sh, p + SHIFT * OP + o)
+  LOWBIT_PAIR(msk, p + MASK * OP + o)
+  LOWBIT_PAIR(win, p + WIN * OP + o)
+#undef LOWBIT_PAIR
+  __m512i gain0 = mul0, gain1 = mul1, clo0 = mul0, clo1 = mul1, chi0 = mul0, chi1 = mul1;
+  if (RES) {
+    gain0 = _mm512_loadu_si512(p + GAIN * OP + o);
+    gain1 = _mm512_loadu_si512(p + GAIN * OP + o + 8);
+    clo0 = _mm512_loadu_si512(e.clo + o);
+    clo1 = _mm512_loadu_si512(e.clo + o + 8);
+    chi0 = _mm512_loadu_si512(e.chi + o);
+    chi1 = _mm512_loadu_si512(e.chi + o + 8);
+  }
+  const __m512i zp = _mm512_set1_epi64(e.zp), lo = _mm512_set1_epi64(e.qmin),
+                hi = _mm512_set1_epi64(e.qmax), one = _mm512_set1_epi64(1);
+  const bool ties = e.ties[o / 16] != 0;
+  const uint8_t* sc = e.sc + r0 * e.O + o;
+  const int32_t* lut = e.lut;
+  const __m128i flip = _mm_set1_epi8(e.sc_signed ? static_cast<char>(0x80) : 0);
+  const __m512i rows = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(o)),
+                       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
+      8);
+  const int64_t left = O - o;
+  const bool full = left >= 16;
+  const __mmask16 valid = full ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  using Out = typename std::conditional<OUTK == 2, int32_t,
+                                        typename std::conditional<OUTK == 1, uint8_t,
+                                                                  int8_t>::type>::type;
+  Out* __restrict out = static_cast<Out*>(e.out) + r0 * O + o;
+  for (int64_t q = 0; q < np; ++q) {
+    const __m512i a = _mm512_loadu_si512(acc + q * ld);
+    __m512i x0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
+    __m512i x1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
+    if (RES) {  // gather lut[o][s] (s ^ 0x80 for int8 shortcuts: the table starts at -128)
+      const __m128i sb = _mm_xor_si128(
+          full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + q * O))
+               : _mm_maskz_loadu_epi8(valid, sc + q * O), flip);
+      const __m512i tv = _mm512_mask_i32gather_epi32(
+          _mm512_setzero_si512(), valid, _mm512_add_epi32(_mm512_cvtepu8_epi32(sb), rows),
+          lut, 4);
+      x0 = _mm512_add_epi64(_mm512_mullo_epi64(gain0, x0),
+                            _mm512_cvtepi32_epi64(_mm512_castsi512_si256(tv)));
+      x1 = _mm512_add_epi64(_mm512_mullo_epi64(gain1, x1),
+                            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(tv, 1)));
+      x0 = _mm512_max_epi64(_mm512_min_epi64(x0, chi0), clo0);
+      x1 = _mm512_max_epi64(_mm512_min_epi64(x1, chi1), clo1);
+    }
+    const __m512i v0 = _mm512_add_epi64(_mm512_mullo_epi64(x0, mul0), off0);
+    const __m512i v1 = _mm512_add_epi64(_mm512_mullo_epi64(x1, mul1), off1);
+    __m512i q0 = _mm512_srav_epi64(v0, sh0), q1 = _mm512_srav_epi64(v1, sh1);
+    if (ties) {  // exact ties of odd quotients round down to the even neighbour
+      const __mmask8 t0 = _mm512_cmplt_epi64_mask(_mm512_and_si512(v0, msk0), win0) &
+                          _mm512_test_epi64_mask(q0, one);
+      const __mmask8 t1 = _mm512_cmplt_epi64_mask(_mm512_and_si512(v1, msk1), win1) &
+                          _mm512_test_epi64_mask(q1, one);
+      q0 = _mm512_mask_sub_epi64(q0, t0, q0, one);
+      q1 = _mm512_mask_sub_epi64(q1, t1, q1, one);
+    }
+    q0 = _mm512_max_epi64(_mm512_min_epi64(_mm512_add_epi64(q0, zp), hi), lo);
+    q1 = _mm512_max_epi64(_mm512_min_epi64(_mm512_add_epi64(q1, zp), hi), lo);
+    const __m512i y = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(q0)),
+                                         _mm512_cvtepi64_epi32(q1), 1);
+    Out* dst = out + q * O;
+    if (OUTK == 2) {
+      if (full) _mm512_storeu_si512(dst, y);
+      else _mm512_mask_storeu_epi32(dst, valid, y);
+    } else {
+      const __m128i b = _mm512_cvtepi32_epi8(y);
+      if (full) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
+      else _mm_mask_storeu_epi8(dst, valid, b);
+    }
+  }
+}
+
+struct Geometry {
+  const uint8_t* xp;  // padded NHWC input [N, HP, WP, C4]
+  const int8_t* wp;   // packed weights [KH*KW][C4/4][OB][16][4]
+  const int32_t* zs;  // [OP] -z_u8 * (sum of the weights), the accumulators' start
+  int64_t N, HP, WP, C4, OH, OW, KH, KW, SH, SW, DH, DW, OB;
+};
+
+// P pixels starting at flat pixel r0 (n*OH*OW + oh*OW + ow), NB channel blocks from block b0
+template <int P, int NB>
+LOWBIT_VNNI static void tile(const Geometry& g, const Epilogue& e, int64_t r0, int64_t np,
+                             int64_t b0) {
+  const uint8_t* base[P];
+  {  // input corner of each pixel; one division per tile, then step along the rows
+    int64_t ow = r0 % g.OW, t = r0 / g.OW, oh = t % g.OH, n = t / g.OH;
+    for (int p = 0; p < P; ++p) {
+      base[p] = g.xp + ((n * g.HP + oh * g.SH) * g.WP + ow * g.SW) * g.C4;
+      if (p + 1 < np && ++ow == g.OW) {
+        ow = 0;
+        if (++oh == g.OH) { oh = 0; ++n; }
+      }
+    }
+  }
+  __m512i acc[P][NB];  // start at -zs: the sums end at acc - zs, exact in int32
+  for (int b = 0; b < NB; ++b) {
+    const __m512i z = _mm512_loadu_si512(g.zs + (b0 + b) * 16);
+    for (int p = 0; p < P; ++p) acc[p][b] = z;
+  }
+  const int64_t G4 = g.C4 / 4;
+  for (int64_t i = 0; i < g.KH; ++i) {
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const int64_t xoff = (i * g.DH * g.WP + j * g.DW) * g.C4;
+      const int8_t* w = g.wp + ((i * g.KW + j) * G4 * g.OB + b0) * 64;
+      for (int64_t c = 0; c < G4; ++c, w += g.OB * 64) {
+        __m512i wv[NB];
+        for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_si512(w + b * 64);
+        for (int p = 0; p < P; ++p) {
+          int32_t four;
+          std::memcpy(&four, base[p] + xoff + c * 4, 4);
+          const __m512i xv = _mm512_set1_epi32(four);
+          for (int b = 0; b < NB; ++b) acc[p][b] = _mm512_dpbusd_epi32(acc[p][b], xv, wv[b]);
+        }
+      }
+    }
+  }
+  alignas(64) int32_t buf[P][NB * 16];
+  for (int p = 0; p < P; ++p)
+    for (int b = 0; b < NB; ++b) _mm512_store_si512(&buf[p][b * 16], acc[p][b]);
+  const bool res = e.lut != nullptr;
+  for (int b = 0; b < NB; ++b) {
+    const int64_t o = (b0 + b) * 16;
+    if (o >= e.O) break;
+#define LOWBIT_EPI(K, R) epilogue_block<K, R>(e, &buf[0][b * 16], NB * 16, np, r0, o)
+    if (e.out_kind == 0) { if (res) LOWBIT_EPI(0, true); else LOWBIT_EPI(0, false); }
+    else if (e.out_kind == 1) { if (res) LOWBIT_EPI(1, true); else LOWBIT_EPI(1, false); }
+    else { if (res) LOWBIT_EPI(2, true); else LOWBIT_EPI(2, false); }
+#undef LOWBIT_EPI
+  }
+}
+
+template <int P, int NB>
+LOWBIT_VNNI static void run_tiles(const Geometry& g, const Epilogue& e, int64_t R) {
+  const int64_t tiles = (R + P - 1) / P, groups = g.OB / NB;
+  at::parallel_for(0, tiles * groups, 1, [&](int64_t b, int64_t end) {
+    for (int64_t t = b; t < end; ++t) {
+      const int64_t tp = t / groups, tb = t % groups;
+      const int64_t r0 = tp * P;
+      tile<P, NB>(g, e, r0, std::min<int64_t>(P, R - r0), tb * NB);
+    }
+  });
+}
+
+}  // namespace
+
+bool vnni_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+// w [O, C, KH, KW] int8 -> [KH*KW][C4/4][OB][16 channels][4 input channels], zeros outside
+torch::Tensor pack_conv_weight(torch::Tensor w) {
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 4, "w must be int8 [O, C, KH, KW]");
+  auto wc = w.contiguous();
+  const int64_t O = wc.size(0), C = wc.size(1), KH = wc.size(2), KW = wc.size(3);
+  const int64_t C4 = (C + 3) / 4 * 4, OB = (O + 15) / 16;
+  auto out = torch::zeros({KH * KW * (C4 / 4) * OB * 64}, wc.options());
+  const int8_t* src = wc.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < KH; ++i)
+        for (int64_t j = 0; j < KW; ++j) {
+          const int64_t kk = i * KW + j;
+          const int64_t at = ((kk * (C4 / 4) + c / 4) * OB + o / 16) * 64 + (o % 16) * 4 + c % 4;
+          dst[at] = src[((o * C + c) * KH + i) * KW + j];
+        }
+  return out;
+}
+
+// x: [N, C, H, W] int8/uint8, any strides -> padded NHWC uint8 [N, H+2PH, W+2PW, C4] in a
+// per-thread scratch buffer that only grows (no fresh pages, no page faults, on every call)
+static const uint8_t* pad_nhwc(const torch::Tensor& x, int64_t PH, int64_t PW, int64_t zu8) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t C4 = (C + 3) / 4 * 4, HP = H + 2 * PH, WP = W + 2 * PW;
+  thread_local std::vector<uint8_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < N * HP * WP * C4 + 64)
+    scratch.resize(N * HP * WP * C4 + 64);
+  const uint8_t flip = x.dtype() == torch::kInt8 ? 0x80 : 0x00;
+  const uint8_t* in = reinterpret_cast<const uint8_t*>(x.data_ptr());
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  uint8_t* o = scratch.data();
+  const uint8_t padv = static_cast<uint8_t>(zu8);
+  at::parallel_for(0, N * HP, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / HP, hp = t % HP, h = hp - PH;
+      uint8_t* row = o + t * WP * C4;
+      if (h < 0 || h >= H) {
+        std::memset(row, padv, WP * C4);
+        continue;
+      }
+      std::memset(row, padv, PW * C4);
+      std::memset(row + (PW + W) * C4, padv, PW * C4);
+      const uint8_t* src = in + n * sn + h * sh;
+      uint8_t* body = row + PW * C4;
+      if (sc == 1 && sw == C && C4 == C) {  // channels-last rows: one contiguous run
+        if (flip) {
+          for (int64_t i = 0; i < W * C; ++i) body[i] = src[i] ^ 0x80;
+        } else {
+          std::memcpy(body, src, W * C);
+        }
+        continue;
+      }
+      for (int64_t w = 0; w < W; ++w) {
+        uint8_t* d = row + (PW + w) * C4;
+        const uint8_t* s = src + w * sw;
+        if (sc == 1) {
+          for (int64_t c = 0; c < C; ++c) d[c] = s[c] ^ flip;
+        } else {
+          for (int64_t c = 0; c < C; ++c) d[c] = s[c * sc] ^ flip;
+        }
+        for (int64_t c = C; c < C4; ++c) d[c] = 0;
+      }
+    }
+  });
+  return o;
+}
+
+// The fused convolution. params: int64 [7, OP] (zs, mul, off, shift, mask, win, gain), OP a
+// multiple of 16; residual (has_res): sc [N, OH, OW, O] 8-bit contiguous, lut int32 [OP, 256],
+// clamp int64 [2, OP]. Returns [N, OH, OW, O] (int8, uint8 or int32 by out_kind).
+torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64_t KH,
+                             int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW,
+                             int64_t DH, int64_t DW, int64_t zu8, torch::Tensor params,
+                             int64_t zp, int64_t qmin, int64_t qmax, int64_t out_kind,
+                             bool has_res, torch::Tensor sc, torch::Tensor lut,
+                             torch::Tensor clamp) {
+  TORCH_CHECK(vnni_supported(), "this CPU lacks AVX-512 VNNI");
+  TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 4,
+              "x must be an int8/uint8 [N, C, H, W] tensor");
+  TORCH_CHECK(wp.dtype() == torch::kInt8 && wp.is_contiguous(), "packed weights");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t C4 = (C + 3) / 4 * 4, OB = (O + 15) / 16, OP = OB * 16;
+  TORCH_CHECK(wp.numel() == KH * KW * (C4 / 4) * OB * 64, "packed weights do not match");
+  TORCH_CHECK(params.dtype() == torch::kInt64 && params.is_contiguous() &&
+              params.size(0) == NROWS_BASE && params.size(1) == OP, "params [7, OP] int64");
+  const int64_t OH = (H + 2 * PH - DH * (KH - 1) - 1) / SH + 1;
+  const int64_t OW = (W + 2 * PW - DW * (KW - 1) - 1) / SW + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "empty output");
+  const uint8_t* xp = pad_nhwc(x, PH, PW, zu8);
+  const torch::ScalarType ot =
+      out_kind == 1 ? torch::kUInt8 : (out_kind == 2 ? torch::kInt32 : torch::kInt8);
+  auto out = torch::empty({N, OH, OW, O}, x.options().dtype(ot));
+  const int64_t* pr = params.data_ptr<int64_t>();
+  std::vector<int32_t> zs(OP);
+  std::vector<uint8_t> ties(OB, 0);
+  for (int64_t o = 0; o < OP; ++o) {
+    TORCH_CHECK(pr[ZS * OP + o] > -(int64_t(1) << 31) && pr[ZS * OP + o] < (int64_t(1) << 31),
+                "z * (sum of the weights) must fit in int32");
+    zs[o] = static_cast<int32_t>(-pr[ZS * OP + o]);
+    if (pr[WIN * OP + o] != 0) ties[o / 16] = 1;
+  }
+  Geometry g{xp, wp.data_ptr<int8_t>(), zs.data(), N, H + 2 * PH,
+             W + 2 * PW, C4, OH, OW, KH, KW, SH, SW, DH, DW, OB};
+  Epilogue e{pr, nullptr, nullptr, nullptr, nullptr, false, ties.data(), OP,
+             zp, qmin, qmax, static_cast<int>(out_kind), out.data_ptr(), O};
+  if (has_res) {
+    TORCH_CHECK((sc.dtype() == torch::kUInt8 || sc.dtype() == torch::kInt8) &&
+                sc.is_contiguous() && sc.numel() == N * OH * OW * O,
+                "shortcut must be a contiguous 8-bit [N, OH, OW, O] tensor");
+    TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.is_contiguous() && lut.size(0) == OP &&
+                lut.size(1) == 256, "lut [OP, 256] int32");
+    TORCH_CHECK(clamp.dtype() == torch::kInt64 && clamp.is_contiguous() &&
+                clamp.size(0) == 2 && clamp.size(1) == OP, "clamp [2, OP] int64");
+    e.sc = reinterpret_cast<const uint8_t*>(sc.data_ptr());
+    e.sc_signed = sc.dtype() == torch::kInt8;
+    e.lut = lut.data_ptr<int32_t>();
+    e.clo = clamp.data_ptr<int64_t>();
+    e.chi = e.clo + OP;
+  }
+  const int64_t R = N * OH * OW;
+  if (OB % 4 == 0) {
+    run_tiles<6, 4>(g, e, R);
+  } else if (OB % 2 == 0) {
+    run_tiles<12, 2>(g, e, R);
+  } else {
+    run_tiles<16, 1>(g, e, R);
+  }
+  return out;
+}
