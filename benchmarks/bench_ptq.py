@@ -194,10 +194,17 @@ def markdown_run(res: dict, images: int) -> str:
     for name, why in res["skipped"].items():
         lines.append(f"| {name} | {why} | | | | |")
     main = next(r for r in res["results"] if r["config"].startswith("lowbit.ptq all"))
-    if res["clock"] == "wall" and res["threads"] == 2:
-        verdict = "within" if main["median_s"] <= GOAL_SECONDS else "above"
-        lines += ["", f"All methods, {images} images: {main['median_s']:.2f} s median on 2 "
-                      f"threads ({verdict} the goal of at most {GOAL_SECONDS:g} s)."]
+    verdict = "within" if main["median_s"] <= GOAL_SECONDS else "above"
+    if res["clock"] == "wall":
+        lines += ["", f"All methods, {images} images: {main['median_s']:.2f} s median wall time "
+                      f"on {res['threads']} thread(s) at load average "
+                      f"{res['load_average_before'][0]:.1f} ({verdict} the goal of at most "
+                      f"{GOAL_SECONDS:g} s; the wall clock counts the time other processes "
+                      "hold the cores)."]
+    else:
+        lines += ["", f"All methods, {images} images: {main['median_s']:.2f} s of CPU time on "
+                      f"{res['threads']} thread(s), i.e. at most that long on an idle core "
+                      f"({verdict} the goal of at most {GOAL_SECONDS:g} s)."]
     return "\n".join(lines) + "\n"
 
 
