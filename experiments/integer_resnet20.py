@@ -104,7 +104,7 @@ def _act_codes(fq: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict
     codes, handles = {}, []
     for name, mod in lnn.quantized_modules(fq):
         def hook(m, inp, out, name=name):
-            codes[name] = (torch.round(out.double() / m.scale.double()) + m.zero_point).long()
+            codes[name] = (torch.round(out.double() / m.scale.double()) + m.zero_point).short()
         handles.append(mod.act_quant.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -143,8 +143,15 @@ def _count(store: dict, name: str, a: np.ndarray, b: np.ndarray) -> None:
 
 @torch.no_grad()
 def measure(fq: torch.nn.Module, im: IntegerModel, loader: Any, folder: Path, tag: str,
-            limit: int | None) -> dict[str, Any]:
-    """One pass over the test set: every accuracy and agreement count of one quantized model."""
+            limit: int | None, detail: int = 100, chunk: int = 250) -> dict[str, Any]:
+    """One pass over the test set: every accuracy and agreement count of one quantized model.
+
+    Every image: the fake-quant model (float32, and with quantized shortcuts), the integer
+    model, its simulation, both ONNX Runtime exports. The per-layer code comparisons (and the
+    float64 fake-quant model) run on the first ``detail`` images of each loader batch (the
+    test set is class-sorted: this spreads them over the classes). Work is done ``chunk``
+    images at a time to bound memory.
+    """
     files = {style: export_onnx(im, folder / f"{tag}_{style}.onnx", style=style,
                                 intermediates=style == "qoperator")
              for style in ("integer", "qoperator")}
@@ -153,80 +160,96 @@ def measure(fq: torch.nn.Module, im: IntegerModel, loader: Any, folder: Path, ta
     grid = _grid_nodes(im)
     fq_q = quantized_shortcuts(fq)
     fq_q64 = copy.deepcopy(fq_q).double()
-    correct = dict.fromkeys(("fake_quant", "fake_quant_qshortcut", "fake_quant_qshortcut_f64",
-                             "simulation", "integer", "ort_integer", "ort_qoperator"), 0)
-    fqq_pred_differ = f64_pred_differ = 0
-    fqq_layers: dict = {}
-    f64_layers: dict = {}
-    n = sim_differ = sim_elems = fq_pred_differ = ort_int_differ = ort_int_elems = 0
-    q_pred_differ = 0
+    keys = ("fake_quant", "fake_quant_qshortcut", "simulation", "integer", "ort_integer",
+            "ort_qoperator")
+    correct = dict.fromkeys(keys, 0)
+    pred_differ = dict.fromkeys(("fake_quant", "fake_quant_qshortcut", "ort_qoperator",
+                                 "detail_fake_quant_qshortcut_f64"), 0)
+    n = n_detail = sim_differ = sim_elems = ort_int_differ = ort_int_elems = 0
     worst_logit = 0.0
-    fq_layers: dict = {}
-    q_layers: dict = {}
+    layers: dict[str, dict] = {"fake_quant": {}, "fake_quant_qshortcut": {},
+                               "fake_quant_qshortcut_f64": {}, "ort_qoperator": {}}
     t0 = time.perf_counter()
-    for x, y in loader:
+    for xb, yb in loader:
         if limit is not None and n >= limit:
             break
         if limit is not None:
-            x, y = x[: limit - n], y[: limit - n]
-        f_logits, codes = _act_codes(fq, x)
-        q = im.quantize_input(x)
-        out, vals = im.run_integer(q, return_values=True)
-        vals[im.nodes[0].output] = q
-        logits = im.dequantize_output(out)
-        pred = logits.argmax(1)
-        sim = im.simulate(x)
-        sim_differ += int((sim != out.to(torch.int64)).sum())
-        sim_elems += sim.numel()
-        correct["simulation"] += int((im.dequantize_output(sim).argmax(1) == y).sum())
-        correct["integer"] += int((pred == y).sum())
-        correct["fake_quant"] += int((f_logits.argmax(1) == y).sum())
-        fq_pred_differ += int((f_logits.argmax(1) != pred).sum())
-        worst_logit = max(worst_logit, float((f_logits.double() - logits.double()).abs().max()))
-        g_logits, g_codes = _act_codes(fq_q, x)
-        correct["fake_quant_qshortcut"] += int((g_logits.argmax(1) == y).sum())
-        fqq_pred_differ += int((g_logits.argmax(1) != pred).sum())
-        h_logits, h_codes = _act_codes(fq_q64, x.double())
-        correct["fake_quant_qshortcut_f64"] += int((h_logits.argmax(1) == y).sum())
-        f64_pred_differ += int((h_logits.argmax(1) != pred).sum())
-        for node in im.nodes:
-            if node.op in ("conv2d", "linear"):
-                _count(fq_layers, node.name, codes[node.name].numpy(),
-                       vals[node.inputs[0]].numpy())
-                _count(fqq_layers, node.name, g_codes[node.name].numpy(),
-                       vals[node.inputs[0]].numpy())
-                _count(f64_layers, node.name, h_codes[node.name].numpy(),
-                       vals[node.inputs[0]].numpy())
-        xn = x.numpy()
-        o_int = sess["integer"].run(["logits"], {"input": xn})[0]
-        ort_int_differ += int((o_int != logits.numpy()).sum())
-        ort_int_elems += o_int.size
-        correct["ort_integer"] += int((o_int.argmax(1) == y.numpy()).sum())
-        o_q = dict(zip(q_names, sess["qoperator"].run(None, {"input": xn})))
-        correct["ort_qoperator"] += int((o_q["logits"].argmax(1) == y.numpy()).sum())
-        q_pred_differ += int((o_q["logits"].argmax(1) != pred.numpy()).sum())
-        for node in grid:
-            _count(q_layers, node.name, o_q[node.output], vals[node.output].numpy())
-        n += y.shape[0]
+            xb, yb = xb[: limit - n], yb[: limit - n]
+        for c0 in range(0, xb.shape[0], chunk):
+            x, y = xb[c0:c0 + chunk], yb[c0:c0 + chunk]
+            with_detail = c0 == 0 and detail > 0
+            if with_detail:
+                x_d = x[:detail]
+            q = im.quantize_input(x)
+            out = im.run_integer(q)
+            logits = im.dequantize_output(out)
+            pred = logits.argmax(1)
+            sim = im.simulate(x)
+            sim_differ += int((sim != out.to(torch.int64)).sum())
+            sim_elems += sim.numel()
+            correct["simulation"] += int((im.dequantize_output(sim).argmax(1) == y).sum())
+            correct["integer"] += int((pred == y).sum())
+            for key, model in (("fake_quant", fq), ("fake_quant_qshortcut", fq_q)):
+                f = model(x)
+                correct[key] += int((f.argmax(1) == y).sum())
+                pred_differ[key] += int((f.argmax(1) != pred).sum())
+                if key == "fake_quant":
+                    worst_logit = max(worst_logit,
+                                      float((f.double() - logits.double()).abs().max()))
+            xn = x.numpy()
+            o_int = sess["integer"].run(["logits"], {"input": xn})[0]
+            ort_int_differ += int((o_int != logits.numpy()).sum())
+            ort_int_elems += o_int.size
+            correct["ort_integer"] += int((o_int.argmax(1) == y.numpy()).sum())
+            o_q = sess["qoperator"].run(["logits"], {"input": xn})[0]
+            correct["ort_qoperator"] += int((o_q.argmax(1) == y.numpy()).sum())
+            pred_differ["ort_qoperator"] += int((o_q.argmax(1) != pred.numpy()).sum())
+            n += y.shape[0]
+            if not with_detail:
+                continue
+            # per-layer codes on the detail images
+            qd = im.quantize_input(x_d)
+            out_d, vals = im.run_integer(qd, return_values=True)
+            vals[im.nodes[0].output] = qd
+            pred_d = im.dequantize_output(out_d).argmax(1)
+            runs = {"fake_quant": _act_codes(fq, x_d)[1],
+                    "fake_quant_qshortcut": _act_codes(fq_q, x_d)[1]}
+            h_logits, runs["fake_quant_qshortcut_f64"] = _act_codes(fq_q64, x_d.double())
+            pred_differ["detail_fake_quant_qshortcut_f64"] += int((h_logits.argmax(1)
+                                                                    != pred_d).sum())
+            for key, codes in runs.items():
+                for node in im.nodes:
+                    if node.op in ("conv2d", "linear"):
+                        _count(layers[key], node.name, codes[node.name].numpy(),
+                               vals[node.inputs[0]].numpy())
+            o_all = dict(zip(q_names, sess["qoperator"].run(None, {"input": x_d.numpy()})))
+            for node in grid:
+                _count(layers["ort_qoperator"], node.name, o_all[node.output],
+                       vals[node.output].numpy())
+            n_detail += x_d.shape[0]
+            del vals, runs, o_all
         print(f"  {tag}: {n} images, {time.perf_counter() - t0:.0f} s", flush=True)
     return {
         "images": n,
+        "detail_images": n_detail,
         "top1": {k: 100.0 * v / n for k, v in correct.items()},
         "integer_vs_simulation": {"elements_differing": sim_differ, "elements": sim_elems},
-        "integer_vs_fake_quant": {"predictions_differing": fq_pred_differ,
-                                  "rate": fq_pred_differ / n,
+        "integer_vs_fake_quant": {"predictions_differing": pred_differ["fake_quant"],
+                                  "rate": pred_differ["fake_quant"] / n,
                                   "max_abs_logit_diff": worst_logit,
-                                  "layer_codes": fq_layers},
-        "integer_vs_fake_quant_qshortcut": {"predictions_differing": fqq_pred_differ,
-                                            "rate": fqq_pred_differ / n,
-                                            "layer_codes": fqq_layers},
-        "integer_vs_fake_quant_qshortcut_f64": {"predictions_differing": f64_pred_differ,
-                                                "rate": f64_pred_differ / n,
-                                                "layer_codes": f64_layers},
+                                  "layer_codes": layers["fake_quant"]},
+        "integer_vs_fake_quant_qshortcut": {
+            "predictions_differing": pred_differ["fake_quant_qshortcut"],
+            "rate": pred_differ["fake_quant_qshortcut"] / n,
+            "layer_codes": layers["fake_quant_qshortcut"]},
+        "integer_vs_fake_quant_qshortcut_f64": {
+            "predictions_differing_detail": pred_differ["detail_fake_quant_qshortcut_f64"],
+            "layer_codes": layers["fake_quant_qshortcut_f64"]},
         "ort_integer_vs_lowbit": {"logits_differing": ort_int_differ,
                                   "elements": ort_int_elems},
-        "ort_qoperator_vs_lowbit": {"predictions_differing": q_pred_differ,
-                                    "rate": q_pred_differ / n, "layer_codes": q_layers},
+        "ort_qoperator_vs_lowbit": {"predictions_differing": pred_differ["ort_qoperator"],
+                                    "rate": pred_differ["ort_qoperator"] / n,
+                                    "layer_codes": layers["ort_qoperator"]},
         "seconds": time.perf_counter() - t0,
     }
 
@@ -268,7 +291,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="training images that calibrate the PTQ model")
     ap.add_argument("--scheme-images", type=int, default=16,
                     help="test images whose accumulators feed the scheme table")
-    ap.add_argument("--limit", type=int, default=None, help="test images (default: all)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="the first N test images in loader order (class-sorted: for quick "
+                         "checks only)")
+    ap.add_argument("--eval-limit", type=int, default=0,
+                    help="a fixed random subset of N test images (data.eval_limit); "
+                         "default: all")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     ap.add_argument("--part", choices=["all", "qat", "ptq"], default="all",
                     help="measure one part (FP32 and QAT, or PTQ) into integer_resnet20.<part>"
@@ -291,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    over = [f"data.root={args.data_root}"]
+    over = [f"data.root={args.data_root}", f"data.eval_limit={args.eval_limit}"]
     folder = Path(tempfile.mkdtemp(prefix="lowbit_intreport_"))
 
     fp32, task = checkpoint_model(args.fp32, over)
@@ -394,6 +422,7 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "| model | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
+        "| test images | " + " | ".join(str(res["models"][m]["images"]) for m in names) + " |",
         f"| FP32 (PyTorch) | {fp['top1_torch']:.2f} |" + " |" * (len(names) - 1),
     ]
     if "ORT fp32" in fp:
@@ -403,7 +432,6 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{fp['ORT int8 (quantize_static)']:.2f} |" + " |" * (len(names) - 1))
     rows = [("fake-quant (training-time float32 model)", "fake_quant"),
             ("fake-quant, quantized shortcuts (float32)", "fake_quant_qshortcut"),
-            ("fake-quant, quantized shortcuts, float64", "fake_quant_qshortcut_f64"),
             ("simulation (float64, exact requantization)", "simulation"),
             ("integer-only (lowbit IntegerModel)", "integer"),
             ("ONNX Runtime, integer operators export", "ort_integer"),
@@ -424,7 +452,7 @@ def markdown(res: dict[str, Any]) -> str:
         lambda r: _pct(r["integer_vs_fake_quant"]["predictions_differing"], r["images"]))
     row("integer vs fake-quant: largest logit difference",
         lambda r: f"{r['integer_vs_fake_quant']['max_abs_logit_diff']:.3g}")
-    row("integer vs fake-quant: layer input codes differing (all layers)",
+    row("integer vs fake-quant: layer input codes differing (detail images, all layers)",
         lambda r: _pct(sum(v["differ"] for v in r["integer_vs_fake_quant"]["layer_codes"]
                            .values()),
                        sum(v["elements"] for v in r["integer_vs_fake_quant"]["layer_codes"]
@@ -432,11 +460,16 @@ def markdown(res: dict[str, Any]) -> str:
     row("integer vs fake-quant: largest code difference (steps)",
         lambda r: str(max(v["max_abs"] for v in r["integer_vs_fake_quant"]["layer_codes"]
                           .values())))
+    row("integer vs fake-quant with quantized shortcuts: predictions differing",
+        lambda r: _pct(r["integer_vs_fake_quant_qshortcut"]["predictions_differing"],
+                       r["images"]))
+    row("integer vs fake-quant with quantized shortcuts, float64: predictions differing "
+        "(detail images)",
+        lambda r: _pct(r["integer_vs_fake_quant_qshortcut_f64"]
+                       ["predictions_differing_detail"], r["detail_images"]))
     for key, label in (("integer_vs_fake_quant_qshortcut", "quantized shortcuts"),
                        ("integer_vs_fake_quant_qshortcut_f64", "quantized shortcuts, float64")):
-        row(f"integer vs fake-quant with {label}: predictions differing",
-            lambda r, key=key: _pct(r[key]["predictions_differing"], r["images"]))
-        row(f"integer vs fake-quant with {label}: layer input codes differing",
+        row(f"integer vs fake-quant with {label}: layer input codes differing (detail images)",
             lambda r, key=key: _pct(sum(v["differ"] for v in r[key]["layer_codes"].values()),
                                     sum(v["elements"] for v in r[key]["layer_codes"].values())))
         row(f"integer vs fake-quant with {label}: largest code difference (steps)",
@@ -446,7 +479,7 @@ def markdown(res: dict[str, Any]) -> str:
                        r["ort_integer_vs_lowbit"]["elements"]))
     row("ONNX Runtime QOperator vs lowbit: predictions differing",
         lambda r: _pct(r["ort_qoperator_vs_lowbit"]["predictions_differing"], r["images"]))
-    row("ONNX Runtime QOperator vs lowbit: 8-bit codes differing (all layers)",
+    row("ONNX Runtime QOperator vs lowbit: 8-bit codes differing (detail images)",
         lambda r: _pct(sum(v["differ"] for v in r["ort_qoperator_vs_lowbit"]["layer_codes"]
                            .values()),
                        sum(v["elements"] for v in r["ort_qoperator_vs_lowbit"]["layer_codes"]
@@ -470,8 +503,10 @@ def markdown(res: dict[str, Any]) -> str:
               "predictions rarely change. The simulation follows the integer model's own "
               "rules (shortcut rounding included) and matches it bit for bit. The QOperator "
               "export requantizes with float32 scales as ONNX Runtime does.", "",
-              "Input codes of each quantized layer differing from the integer model's "
-              "(fraction; largest difference in steps):", "",
+              f"Input codes of each quantized layer differing from the integer model's "
+              f"(fraction; largest difference in steps), on the detail images (the first "
+              f"{res['models'][names[0]]['detail_images'] // 10} of each block of 1,000 test "
+              "images, spread over the classes):", "",
               "| layer | " + " | ".join(f"{m}: fake-quant | {m}: quantized shortcuts | "
                                         f"{m}: quantized shortcuts, float64"
                                         for m in names) + " |",
