@@ -4,9 +4,11 @@ Models (CIFAR shapes 3x32x32, ResNet-20 with random weights and randomized Batch
 quantized model calibrated on the same random batches):
 
 * ``fp32 eager``: the float model in PyTorch (the baseline of every ratio);
-* ``lowbit int8``: the integer model of the W8A8 fake-quant model (int8 im2col +
-  ``torch._int_mm`` + certified fixed-point requantization; residual blocks in one fused
-  kernel), and the same with the pure-torch kernels (``backend="torch"``);
+* ``lowbit int8``: the integer model of the W8A8 fake-quant model: each convolution in the
+  AVX-512 VNNI kernel of ``lowbit.integer.ops.Conv2dKernel`` (u8 x s8 ``vpdpbusd`` tiles with the
+  certified fixed-point requantization, and the residual add, in the epilogue) where the
+  executor uses it and the CPU has VNNI, else int8 im2col + ``torch._int_mm`` + compiled
+  requantization; and the same with the pure-torch kernels (``backend="torch"``);
 * ``lowbit 4-bit``: the W4A4 model (4-bit weights and activations in the middle layers, 8-bit
   first/last), through the same int8 kernels (no packed 4-bit kernel);
 * ``torch.ao x86``: ``prepare_fx``/``convert_fx`` with the x86 qconfig (FBGEMM/oneDNN int8);
@@ -17,8 +19,10 @@ quantized model calibrated on the same random batches):
 
 Batch 1 and 128, 2 threads (``torch.set_num_threads``, ONNX Runtime ``intra_op_num_threads``),
 threads waiting passively (``OMP_WAIT_POLICY=PASSIVE``, ONNX Runtime without spinning).
-Rounds interleave the models so that a busy machine slows them alike; the median of the rounds
-is reported with the load average before and after. Writes ``benchmarks/results/
+Rounds interleave the models so that a busy machine slows them alike; reported per model: the
+median wall time of the rounds, the median CPU time (``time.process_time``, all threads; less
+sensitive to other processes than wall time), and the median over rounds of the paired ratio
+to torch.ao timed in the same round, with the load average before and after. Writes ``benchmarks/results/
 integer_model.json`` and ``integer_model.md``.
 
 Also measured: how often each requantization scheme of today's runtimes
@@ -198,11 +202,28 @@ def scheme_disagreements(im, x: torch.Tensor) -> dict[str, dict[str, int]]:
     return out
 
 
-def timed(fn, inner: int) -> float:
-    t = time.perf_counter()
+def timed(fn, inner: int) -> tuple[float, float]:
+    """Wall and CPU milliseconds per call, averaged over ``inner`` calls."""
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t) / inner * 1000.0
+    return ((time.perf_counter() - t) / inner * 1000.0,
+            (time.process_time() - c) / inner * 1000.0)
+
+
+def vnni_convolutions(im) -> tuple[int, int]:
+    """(convolutions the executor runs in the VNNI kernel, convolutions in all)."""
+    from lowbit.integer import executor
+
+    total = sum(n.op == "conv2d" for n in im.nodes)
+    try:
+        steps, _ = im._fused_plan()
+    except Exception:  # no compiled executor path
+        return 0, total
+    used = sum(int(getattr(getattr(fast, "kernel", None), "compiled", False))
+               for _, fast in steps if isinstance(fast, (executor._FastConv,
+                                                         executor._ResidualGroup)))
+    return used, total
 
 
 def main() -> None:
@@ -271,18 +292,28 @@ def main() -> None:
                 f()
             load_before = os.getloadavg()
             times: dict[str, list[float]] = {k: [] for k in fns}
+            cpu: dict[str, list[float]] = {k: [] for k in fns}
             for _ in range(rounds):
                 for k, f in fns.items():
-                    times[k].append(timed(f, inner))
+                    w, c = timed(f, inner)
+                    times[k].append(w)
+                    cpu[k].append(c)
             load_after = os.getloadavg()
         base = statistics.median(times["fp32 eager"])
         ao = statistics.median(times["torch.ao x86"])
+        ao_cpu = statistics.median(cpu["torch.ao x86"])
         for k, ts in times.items():
             med = statistics.median(ts)
+            paired = [t / a for t, a in zip(ts, times["torch.ao x86"])]
             results.append({
                 "batch": bs, "model": k, "median_ms": med,
                 "p25_ms": float(np.percentile(ts, 25)), "p75_ms": float(np.percentile(ts, 75)),
+                "cpu_median_ms": statistics.median(cpu[k]),
                 "speedup_vs_fp32_eager": base / med, "time_vs_torch_ao": med / ao,
+                "paired_vs_torch_ao": statistics.median(paired),
+                "paired_vs_torch_ao_p25": float(np.percentile(paired, 25)),
+                "paired_vs_torch_ao_p75": float(np.percentile(paired, 75)),
+                "cpu_vs_torch_ao": statistics.median(cpu[k]) / ao_cpu,
                 "load_before": load_before, "load_after": load_after,
                 "issue_ms": ISSUE_MS.get(k) if bs == 128 else None,
             })
@@ -291,9 +322,9 @@ def main() -> None:
         print(f"batch {bs}: load {load_before} -> {load_after}")
         for r in results:
             if r["batch"] == bs and r["model"] != "_check":
-                print(f"  {r['model']:32s} {r['median_ms']:9.2f} ms  "
-                      f"x{r['speedup_vs_fp32_eager']:.2f} vs fp32, "
-                      f"{r['time_vs_torch_ao']:.2f} of torch.ao")
+                print(f"  {r['model']:32s} {r['median_ms']:9.2f} ms (cpu {r['cpu_median_ms']:8.2f})"
+                      f"  x{r['speedup_vs_fp32_eager']:.2f} vs fp32, paired "
+                      f"{r['paired_vs_torch_ao']:.2f} of torch.ao (cpu {r['cpu_vs_torch_ao']:.2f})")
     meta = {
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "threads": args.threads,
                     "torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -301,6 +332,10 @@ def main() -> None:
         "rounds": rounds, "to_integer_seconds_w8a8": convert_s,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "integer_nodes": len(im8.nodes),
+        "vnni_convolutions_int8": vnni_convolutions(im8),
+        "vnni_convolutions_4bit": vnni_convolutions(im4),
+        "cpu_flags_avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+        if Path("/proc/cpuinfo").exists() else None,
         "scheme_disagreements": schemes,
         "bit_accounting": im8.summary(),
         "note": "medians of interleaved rounds; the machine is shared: see the load averages",
@@ -324,10 +359,19 @@ def markdown(meta: dict, results: list[dict]) -> str:
         "`python benchmarks/bench_integer_model.py`. ResNet-20 at 3x32x32 (random weights, "
         "randomized BatchNorm), medians of "
         f"{meta['rounds']} interleaved rounds. Ratios are to FP32 eager and to torch.ao x86 "
-        "measured in the same rounds. to_integer took "
+        "measured in the same rounds: `paired / torch.ao` is the median over rounds of (this "
+        "model's time / torch.ao's time in the same round), with its quartiles; `cpu ms` is "
+        "CPU time (all threads) per call, less sensitive than wall time to the other "
+        "processes on this shared machine. to_integer took "
         f"{meta['to_integer_seconds_w8a8']:.1f} s for the W8A8 model.",
         "",
     ]
+    if "vnni_convolutions_int8" in meta:
+        u8, t8 = meta["vnni_convolutions_int8"]
+        u4, t4 = meta["vnni_convolutions_4bit"]
+        lines += [f"Convolutions in the AVX-512 VNNI kernel: {u8} of {t8} (int8 model), {u4} of "
+                  f"{t4} (4-bit model); CPU reports avx512_vnni: "
+                  f"{meta['cpu_flags_avx512_vnni']}.", ""]
     for bs in sorted({r["batch"] for r in results}):
         rows = [r for r in results if r["batch"] == bs and r["model"] != "_check"]
         chk = next(r for r in results if r["batch"] == bs and r["model"] == "_check")
@@ -335,16 +379,23 @@ def markdown(meta: dict, results: list[dict]) -> str:
         lines += [f"## Batch {bs}", "",
                   f"Load average (1/5/15 min) {lb[0]:.1f}/{lb[1]:.1f}/{lb[2]:.1f} before, "
                   f"{la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f} after, on {m['cores']} CPUs.", "",
-                  "| model | median ms | p25..p75 ms | speedup vs FP32 eager | time / torch.ao |"
+                  "| model | median ms | p25..p75 ms | cpu ms | speedup vs FP32 eager | "
+                  "paired / torch.ao (p25..p75) | cpu / torch.ao |"
                   + (" issue (ms) |" if bs == 128 else ""),
-                  "|---|---|---|---|---|" + ("---|" if bs == 128 else "")]
+                  "|---|---|---|---|---|---|---|" + ("---|" if bs == 128 else "")]
         for r in rows:
             issue = ""
             if bs == 128:
                 issue = f" {r['issue_ms']} |" if r["issue_ms"] is not None else " - |"
+            if "paired_vs_torch_ao" in r:
+                ratio = (f"{r['paired_vs_torch_ao']:.2f} ({r['paired_vs_torch_ao_p25']:.2f}.."
+                         f"{r['paired_vs_torch_ao_p75']:.2f}) | {r['cpu_vs_torch_ao']:.2f}")
+                cpu_ms = f"{r['cpu_median_ms']:.2f}"
+            else:  # results written before these columns existed
+                ratio, cpu_ms = f"{r['time_vs_torch_ao']:.2f} | -", "-"
             lines.append(f"| {r['model']} | {r['median_ms']:.2f} | {r['p25_ms']:.2f}.."
-                         f"{r['p75_ms']:.2f} | {r['speedup_vs_fp32_eager']:.2f} | "
-                         f"{r['time_vs_torch_ao']:.2f} |{issue}")
+                         f"{r['p75_ms']:.2f} | {cpu_ms} | {r['speedup_vs_fp32_eager']:.2f} | "
+                         f"{ratio} |{issue}")
         lines += ["", f"ORT lowbit integer == lowbit, bit for bit: "
                       f"{chk['ort_integer_bit_exact']}; ORT lowbit qoperator predictions equal "
                       f"to lowbit's on {100 * chk['ort_qoperator_prediction_agreement']:.1f}% "

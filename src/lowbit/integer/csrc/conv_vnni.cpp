@@ -234,6 +234,40 @@ torch::Tensor pack_conv_weight(torch::Tensor w) {
   return out;
 }
 
+// rows [b, e) of the padded copy; plain values in, so that byte stores cannot alias them
+static void pad_rows(const uint8_t* __restrict in, uint8_t* __restrict o, int64_t b, int64_t e,
+                     int64_t C, int64_t H, int64_t W, int64_t C4, int64_t HP, int64_t WP,
+                     int64_t PH, int64_t PW, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                     uint8_t flip, uint8_t padv) {
+  for (int64_t t = b; t < e; ++t) {
+    const int64_t n = t / HP, h = t % HP - PH;
+    uint8_t* __restrict row = o + t * WP * C4;
+    if (h < 0 || h >= H) {
+      std::memset(row, padv, WP * C4);
+      continue;
+    }
+    std::memset(row, padv, PW * C4);
+    std::memset(row + (PW + W) * C4, padv, PW * C4);
+    const uint8_t* __restrict src = in + n * sn + h * sh;
+    uint8_t* __restrict body = row + PW * C4;
+    if (sc == 1 && sw == C && C4 == C) {  // channels-last rows: one contiguous run
+      const int64_t len = W * C;
+      if (flip) {
+        for (int64_t i = 0; i < len; ++i) body[i] = src[i] ^ 0x80;
+      } else {
+        std::memcpy(body, src, len);
+      }
+      continue;
+    }
+    for (int64_t w = 0; w < W; ++w) {
+      uint8_t* __restrict d = body + w * C4;
+      const uint8_t* __restrict s = src + w * sw;
+      for (int64_t c = 0; c < C; ++c) d[c] = s[c * sc] ^ flip;
+      for (int64_t c = C; c < C4; ++c) d[c] = 0;
+    }
+  }
+}
+
 // x: [N, C, H, W] int8/uint8, any strides -> padded NHWC uint8 [N, H+2PH, W+2PW, C4] in a
 // per-thread scratch buffer that only grows (no fresh pages, no page faults, on every call)
 static const uint8_t* pad_nhwc(const torch::Tensor& x, int64_t PH, int64_t PW, int64_t zu8) {
@@ -247,37 +281,8 @@ static const uint8_t* pad_nhwc(const torch::Tensor& x, int64_t PH, int64_t PW, i
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   uint8_t* o = scratch.data();
   const uint8_t padv = static_cast<uint8_t>(zu8);
-  at::parallel_for(0, N * HP, 16, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / HP, hp = t % HP, h = hp - PH;
-      uint8_t* row = o + t * WP * C4;
-      if (h < 0 || h >= H) {
-        std::memset(row, padv, WP * C4);
-        continue;
-      }
-      std::memset(row, padv, PW * C4);
-      std::memset(row + (PW + W) * C4, padv, PW * C4);
-      const uint8_t* src = in + n * sn + h * sh;
-      uint8_t* body = row + PW * C4;
-      if (sc == 1 && sw == C && C4 == C) {  // channels-last rows: one contiguous run
-        if (flip) {
-          for (int64_t i = 0; i < W * C; ++i) body[i] = src[i] ^ 0x80;
-        } else {
-          std::memcpy(body, src, W * C);
-        }
-        continue;
-      }
-      for (int64_t w = 0; w < W; ++w) {
-        uint8_t* d = row + (PW + w) * C4;
-        const uint8_t* s = src + w * sw;
-        if (sc == 1) {
-          for (int64_t c = 0; c < C; ++c) d[c] = s[c] ^ flip;
-        } else {
-          for (int64_t c = 0; c < C; ++c) d[c] = s[c * sc] ^ flip;
-        }
-        for (int64_t c = C; c < C4; ++c) d[c] = 0;
-      }
-    }
+  at::parallel_for(0, N * HP, 16, [=](int64_t b, int64_t e) {
+    pad_rows(in, o, b, e, C, H, W, C4, HP, WP, PH, PW, sn, sc, sh, sw, flip, padv);
   });
   return o;
 }
