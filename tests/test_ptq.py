@@ -817,11 +817,14 @@ def test_quantize_model_w4a4_methods_beat_naive(trained_digits):
     with torch.no_grad():
         sq_naive = sqnr_db(ref, naive(x))
         sq_full = sqnr_db(ref, full(x))
-    # measured on this model: naive 16.2 dB, all methods 21.9 dB (4 training seeds: +3 to +6)
+        agree_naive = float((naive(x).argmax(1) == ref.argmax(1)).float().mean())
+        agree_full = float((full(x).argmax(1) == ref.argmax(1)).float().mean())
+    # measured on this model: naive 16.4 dB, all methods 23.6 dB (4 training seeds: +3 to +7)
     assert sq_full > sq_naive + 2.0
-    acc_naive, acc_full = _accuracy(naive, x, y), _accuracy(full, x, y)
-    assert acc_full >= acc_naive - 0.5  # one test image of 497 is 0.2 points
-    assert acc_full >= fp32 - 2.0
+    # Accuracy is judged against the FP32 model, not against naive: on 497 test images the
+    # naive model can be luckier than FP32 itself (measured: naive 99.20 %, FP32 98.59 %).
+    assert agree_full >= agree_naive  # measured: 99.40 % vs 99.20 % of FP32's predictions
+    assert _accuracy(full, x, y) >= fp32 - 0.5  # one test image of 497 is 0.2 points
     assert isinstance(model[1], nn.BatchNorm2d)  # the input model is untouched
     assert len(report.folded) == 3
 
