@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                     + "\n".join(f"  {k:<17} {v}" for k, v in _ptq_option_docs().items())
                     + "\n\nOther key=value items are config overrides (data.root=...).",
     )
-    q.add_argument("checkpoint", metavar="CHECKPOINT", help="a float .pt file or a run folder")
+    q.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a float .pt file or a run folder, or a recipe name with "
+                        "model.init=WEIGHTS (e.g. torchvision ResNet weights)")
     q.add_argument("items", nargs="*", metavar="key=value",
                    help="e.g. w_bits=4 a_bits=4 clip=aciq variants=true data.root=/data")
     return p

@@ -99,6 +99,10 @@ OPTIONS: dict[str, Option] = {
     "data.bptt": _opt(35, int, "language models: truncated back-propagation length", minimum=1),
     "data.train_split": _opt("train", str, "split used for training"),
     "model.name": _opt("small_cnn", str, "model name for lowbit.models.create"),
+    "model.init": _opt("", str, "start training from these float weights: a lowbit checkpoint "
+                       "(file or run folder) or a PyTorch state-dict file such as torchvision's "
+                       "ResNet weights; loaded before quantization (QAT fine-tuning; the float "
+                       "model of `lowbit ptq RECIPE`)"),
     "quant.scheme": _opt("fp32", str, "lowbit.nn.convert scheme: fp32, w8a8, w4a4, w1a1, ..."),
     "quant.first_last": _opt("", str, "precision of the first and last layer ('' = scheme's)"),
     "quant.norm": _opt("bn", str, "BatchNorm variant: bn (keep), range, l1, linf or shift "

@@ -206,10 +206,23 @@ def _load_float_model(checkpoint: str | os.PathLike,
     from lowbit.train import engine
     from lowbit.train.checkpoint import load_checkpoint, load_model_state
 
-    ckpt = load_checkpoint(checkpoint)
-    if "ptq" in ckpt:
-        raise ValueError(f"{ckpt['path']!r} is already a post-training quantized checkpoint")
-    cfg = config_mod.resolve(ckpt["config"], overrides)
+    if _is_recipe(checkpoint):
+        # a recipe and the float weights to quantize (model.init), e.g. torchvision's ResNets
+        cfg = config_mod.resolve(str(checkpoint), overrides)
+        if not cfg["model"]["init"]:
+            raise ValueError(f"{checkpoint!r} is a recipe: give the trained float weights to "
+                             "quantize with model.init=WEIGHTS (a lowbit checkpoint or a "
+                             "state-dict file)")
+        if cfg.get("variants"):  # a multi-variant recipe: its float variant
+            runs = [c for _, c in config_mod.split_variants(cfg)]
+            cfg = next((c for c in runs if c["quant"]["scheme"] in ("", "fp32")), runs[0])
+        ckpt = {"path": str(Path(cfg["model"]["init"]).resolve()), "config": cfg,
+                "model_name": cfg["model"]["name"], "epoch": None}
+    else:
+        ckpt = load_checkpoint(checkpoint)
+        if "ptq" in ckpt:
+            raise ValueError(f"{ckpt['path']!r} is already a post-training quantized checkpoint")
+        cfg = config_mod.resolve(ckpt["config"], overrides)
     config_mod.check_names(cfg)
     scheme = cfg["quant"]["scheme"]
     if scheme not in ("", "fp32"):
@@ -219,12 +232,25 @@ def _load_float_model(checkpoint: str | os.PathLike,
     task = engine.build_task(cfg, device=device)
     if task.kind != "classify":
         raise ValueError("run_ptq supports image classification checkpoints")
-    model = engine.build_model(cfg, task)
-    load_model_state(model, ckpt, cfg["model"]["name"])
+    model = engine.build_model(cfg, task, init_weights="model" not in ckpt)
+    if "model" in ckpt:
+        load_model_state(model, ckpt, cfg["model"]["name"])
     model = model.to(device).eval()
     loss_fn = engine.build_loss(cfg["loss"]["name"], label_smoothing=0.0)
     fp32 = engine.evaluate_task(model, task, cfg, loss_fn, device)
     return _Loaded(ckpt, cfg, task, model, device, loss_fn, fp32)
+
+
+def _is_recipe(checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint`` names a recipe (a shipped name or a .toml file), not a checkpoint."""
+    text = str(checkpoint)
+    if text.endswith(".toml"):
+        return True
+    if Path(text).exists() or "/" in text or os.sep in text or text.endswith((".pt", ".pth")):
+        return False
+    from lowbit import config as config_mod
+
+    return text in {name for name, _ in config_mod.list_recipes()}
 
 
 def _calibration_batches(task: Any, seed: int, batch_size: int = 128):

@@ -29,6 +29,7 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "load_model_state",
+    "load_init_weights",
 ]
 
 FORMAT = "lowbit-checkpoint-v1"
@@ -145,3 +146,57 @@ def set_rng_state(state: Mapping[str, Any], model: nn.Module | None = None) -> N
     for key, gstate in state.get("modules", {}).items():
         if key in gens:
             gens[key].set_state(gstate)
+
+
+def _float_state(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    """The state dict inside what ``torch.load`` returned for an initial-weights file."""
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        cfg = obj.get("config") or {}
+        q = cfg.get("quant", {}) if isinstance(cfg, Mapping) else {}
+        scheme, norm = q.get("scheme", "fp32"), q.get("norm", "bn")
+        if "ptq" in obj or scheme not in ("", "fp32") or norm not in ("", "bn"):
+            what = "post-training quantized" if "ptq" in obj else (
+                f"quant.scheme={scheme!r}, quant.norm={norm!r}")
+            raise CheckpointError(
+                f"model.init needs float weights, but {where} holds a quantized model ({what}); "
+                "give the FP32 checkpoint it came from, or resume this run with --resume")
+        obj = obj["model"]
+    elif isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict"):  # common wrappers
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{where} is neither a lowbit checkpoint nor a state dict of tensors")
+    prefix = "module."  # saved from DistributedDataParallel / DataParallel
+    if obj and all(k.startswith(prefix) for k in obj):
+        obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_init_weights(model: nn.Module, path: str | os.PathLike, model_name: str) -> Path:
+    """Load float weights into ``model`` (built but not yet quantized): a lowbit FP32 checkpoint
+    (file or run folder: its ``model_best.pt``, else ``last.pt``) or a state-dict file
+    (torchvision's layout, optionally wrapped in ``{"state_dict": ...}`` or saved from DDP).
+
+    Raises :class:`CheckpointError` for a missing or unreadable file, a quantized checkpoint,
+    and any missing, unexpected or mis-shaped tensor (``num_batches_tracked`` may be absent).
+    Returns the file that was read.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model_best.pt" if (p / "model_best.pt").is_file() else find_checkpoint(p)
+    if not p.is_file():
+        raise CheckpointError(f"model.init: {str(path)!r} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"model.init: cannot read {str(p)!r}: {exc}") from None
+    saved = obj.get("model_name") if isinstance(obj, Mapping) else None
+    state = _float_state(obj, f"model.init {str(p)!r}")
+    own = model.state_dict()
+    for k, v in own.items():  # older torchvision files lack the BN step counters
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = v.clone()
+    load_model_state(model, {"model": state, "model_name": saved, "path": str(p)}, model_name)
+    return p

@@ -38,6 +38,7 @@ from .checkpoint import (
     atomic_save,
     get_rng_state,
     load_checkpoint,
+    load_init_weights,
     load_model_state,
     set_rng_state,
 )
@@ -256,14 +257,20 @@ def build_task(cfg: Mapping[str, Any], dist_info: DistInfo | None = None,
 
 
 # ------------------------------------------------------------------------------- model
-def build_model(cfg: Mapping[str, Any], task: Task) -> nn.Module:
-    """``lowbit.models.create`` from ``cfg["model"]``, then ``lowbit.nn.convert`` to the scheme."""
+def build_model(cfg: Mapping[str, Any], task: Task, *, init_weights: bool = False) -> nn.Module:
+    """``lowbit.models.create`` from ``cfg["model"]``, then ``lowbit.nn.convert`` to the scheme.
+
+    With ``init_weights`` the float weights named by ``model.init`` are loaded in between (a new
+    run starts from them; a checkpoint being restored brings its own weights instead).
+    """
     from .. import models
 
     kwargs = dict(cfg["model"]["kwargs"])
     if task.in_channels is not None:
         kwargs.setdefault("in_channels", task.in_channels)
     model = models.create(cfg["model"]["name"], num_classes=task.num_classes, **kwargs)
+    if init_weights and cfg["model"]["init"]:
+        load_init_weights(model, cfg["model"]["init"], cfg["model"]["name"])
     q = cfg["quant"]
     if q["scheme"] not in ("", "fp32") or q["overrides"] or q["first_last"] \
             or q["norm"] != "bn":
@@ -386,7 +393,10 @@ class Trainer:
         config_mod.check_names(cfg, names)
         seed_everything(cfg["seed"])
         self.task = self._given_task or build_task(cfg, self.dist, self.device)
-        model = self._given_model if self._given_model is not None else build_model(cfg, self.task)
+        if self._given_model is not None:
+            model = self._given_model
+        else:
+            model = build_model(cfg, self.task, init_weights=ckpt is None)
         self.model = model.to(self.device)
         self.model_name = cfg["model"]["name"]
         if self.task.kind == "classify":
