@@ -12,10 +12,11 @@ code in :mod:`lowbit.integer.ops`, which the tests prove bit-identical.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from types import ModuleType
+
+from lowbit._build import extensions_disabled
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -134,8 +135,7 @@ _state: dict[str, ModuleType | None] = {}
 
 def disabled() -> bool:
     """Whether the environment asks for the pure-torch paths only."""
-    return any(os.environ.get(v, "").strip() not in ("", "0")
-               for v in ("LOWBIT_NO_EXT", "LOWBIT_NO_EXTENSION"))
+    return extensions_disabled()
 
 
 def extension() -> ModuleType | None:

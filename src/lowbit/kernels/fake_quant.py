@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import platform
 import threading
 import warnings
@@ -23,6 +22,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+from lowbit._build import extensions_disabled
 
 __all__ = [
     "available",
@@ -42,7 +43,7 @@ _failed: str | None = None
 
 
 def _disabled() -> bool:
-    return os.environ.get("LOWBIT_NO_EXT", "").strip() not in ("", "0")
+    return extensions_disabled()
 
 
 def _cpu_signature() -> str:

@@ -8,7 +8,6 @@ packed rows agree on their padding and ``popcount(a ^ b)`` counts only real disa
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from lowbit._build import extensions_disabled
 
 WORD_BITS = 64
 BACKENDS = ("auto", "avx512", "avx2", "scalar", "torch")
@@ -78,9 +79,9 @@ def check_backend(backend: str) -> str:
 def extension() -> ModuleType | None:
     """The compiled XNOR extension (JIT-built once and cached), or ``None`` if it cannot be built.
 
-    Set ``LOWBIT_NO_EXTENSION=1`` to force the pure-torch code paths.
+    Set ``LOWBIT_NO_EXT=1`` to force the pure-torch code paths.
     """
-    if os.environ.get("LOWBIT_NO_EXTENSION", "") not in ("", "0"):
+    if extensions_disabled():
         return None
     try:
         from torch.utils.cpp_extension import load
