@@ -68,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--onnx", default=None, metavar="PATH", help="also write an ONNX file")
     x.add_argument("--style", default="integer", choices=["integer", "qoperator"],
                    help="ONNX operators: integer (bit-exact) or qoperator (QLinearConv)")
+    c = sub.add_parser("compare", help="runs side by side: a table and overlaid curves",
+                       description="Compare finished (or running) runs: final and best "
+                                   "accuracy or perplexity, the difference to the first run, "
+                                   "and one PNG of their curves.")
+    c.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run folders (a folder of variant runs stands for all of them)")
+    c.add_argument("--labels", default=None, help="comma-separated names for the runs")
+    c.add_argument("--out", default=None, metavar="PREFIX",
+                   help="also write PREFIX.md (the table) and PREFIX.png (the curves)")
+    c.add_argument("--title", default="", help="title of the plot")
     q = sub.add_parser(
         "ptq", help="post-training quantization of a float checkpoint (ACIQ, bit allocation, "
                     "bias correction)",
@@ -257,7 +267,32 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": cmd_train, "eval": cmd_eval, "recipes": cmd_recipes,
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .train.metrics import compare_table, find_runs, plot_comparison
+
+    runs = find_runs(args.runs)
+    if args.labels is not None:
+        labels = [x.strip() for x in args.labels.split(",")]
+        if len(labels) != len(runs):
+            raise ValueError(f"--labels names {len(labels)} runs but {len(runs)} were found: "
+                             + ", ".join(str(r.folder) for r in runs))
+        for r, label in zip(runs, labels):
+            r.label = label
+    if len({r.is_lm for r in runs}) > 1:
+        raise ValueError("cannot compare language-model runs (perplexity) with classifiers "
+                         "(top-1) in one table")
+    table = compare_table(runs)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(table, encoding="utf-8")
+        plot_comparison(runs, out.with_suffix(".png"), title=args.title)
+        print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+_COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "recipes": cmd_recipes,
              "summary": cmd_summary, "export": cmd_export, "ptq": cmd_ptq}
 
 
