@@ -4,11 +4,13 @@ Models (CIFAR shapes 3x32x32, ResNet-20 with random weights and randomized Batch
 quantized model calibrated on the same random batches):
 
 * ``fp32 eager``: the float model in PyTorch (the baseline of every ratio);
-* ``lowbit int8``: the integer model of the W8A8 fake-quant model: each convolution in the
-  AVX-512 VNNI kernel of ``lowbit.integer.ops.Conv2dKernel`` (u8 x s8 ``vpdpbusd`` tiles with the
-  certified fixed-point requantization, and the residual add, in the epilogue) where the
-  executor uses it and the CPU has VNNI, else int8 im2col + ``torch._int_mm`` + compiled
-  requantization; and the same with the pure-torch kernels (``backend="torch"``);
+* ``lowbit int8``: the integer model of the W8A8 fake-quant model on the fused channels-last
+  path (``backend="auto"``): each convolution whose accumulators are certified below 2^24 in
+  oneDNN's int8 convolution (exact int32 sums returned in float32,
+  ``lowbit.integer.ops.OnednnConv2d``) where oneDNN is usable exactly, the others in NHWC
+  im2col + ``torch._int_mm``; the compiled fixed-point requantization (and residual add) after
+  it; ``lowbit int8 (_int_mm)``: the same path with every convolution in im2col +
+  ``torch._int_mm`` (``backend="compiled"``); and the pure-torch kernels (``backend="torch"``);
 * ``lowbit 4-bit``: the W4A4 model (4-bit weights and activations in the middle layers, 8-bit
   first/last), through the same int8 kernels (no packed 4-bit kernel);
 * ``torch.ao x86``: ``prepare_fx``/``convert_fx`` with the x86 qconfig (FBGEMM/oneDNN int8);
@@ -211,19 +213,9 @@ def timed(fn, inner: int) -> tuple[float, float]:
             (time.process_time() - c) / inner * 1000.0)
 
 
-def vnni_convolutions(im) -> tuple[int, int]:
-    """(convolutions the executor runs in the VNNI kernel, convolutions in all)."""
-    from lowbit.integer import executor
-
-    total = sum(n.op == "conv2d" for n in im.nodes)
-    try:
-        steps, _ = im._fused_plan()
-    except Exception:  # no compiled executor path
-        return 0, total
-    used = sum(int(getattr(getattr(fast, "kernel", None), "compiled", False))
-               for _, fast in steps if isinstance(fast, (executor._FastConv,
-                                                         executor._ResidualGroup)))
-    return used, total
+def onednn_convolutions(im) -> tuple[int, int]:
+    """(convolutions the fused executor runs in oneDNN, convolutions in all)."""
+    return len(im.onednn_layers()), sum(n.op == "conv2d" for n in im.nodes)
 
 
 def main() -> None:
@@ -280,6 +272,7 @@ def main() -> None:
             fns = {
                 "fp32 eager": lambda x=x: model(x),
                 "lowbit int8": lambda q=q8: im8.run_integer(q),
+                "lowbit int8 (_int_mm)": lambda q=q8: im8.run_integer(q, backend="compiled"),
                 "lowbit int8 (torch kernels)": lambda q=q8: im8.run_integer(q, backend="torch"),
                 "lowbit 4-bit": lambda q=q4: im4.run_integer(q),
                 "torch.ao x86": lambda x=x: aoq(x),
@@ -332,8 +325,8 @@ def main() -> None:
         "rounds": rounds, "to_integer_seconds_w8a8": convert_s,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "integer_nodes": len(im8.nodes),
-        "vnni_convolutions_int8": vnni_convolutions(im8),
-        "vnni_convolutions_4bit": vnni_convolutions(im4),
+        "onednn_convolutions_int8": onednn_convolutions(im8),
+        "onednn_convolutions_4bit": onednn_convolutions(im4),
         "cpu_flags_avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
         if Path("/proc/cpuinfo").exists() else None,
         "scheme_disagreements": schemes,
@@ -366,7 +359,13 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"{meta['to_integer_seconds_w8a8']:.1f} s for the W8A8 model.",
         "",
     ]
-    if "vnni_convolutions_int8" in meta:
+    if "onednn_convolutions_int8" in meta:
+        u8, t8 = meta["onednn_convolutions_int8"]
+        u4, t4 = meta["onednn_convolutions_4bit"]
+        lines += [f"Convolutions in oneDNN (exact int8 sums, certified below 2^24): {u8} of "
+                  f"{t8} (int8 model), {u4} of {t4} (4-bit model); CPU reports avx512_vnni: "
+                  f"{meta['cpu_flags_avx512_vnni']}.", ""]
+    elif "vnni_convolutions_int8" in meta:  # results written before the oneDNN path
         u8, t8 = meta["vnni_convolutions_int8"]
         u4, t4 = meta["vnni_convolutions_4bit"]
         lines += [f"Convolutions in the AVX-512 VNNI kernel: {u8} of {t8} (int8 model), {u4} of "

@@ -48,7 +48,14 @@ from torch import Tensor
 from lowbit._io import atomic_write
 from lowbit.integer.exact import ExactAffine, exact_outputs
 from lowbit.integer.fixed_point import FixedPointAffine, signed_bits
-from lowbit.integer.ops import Requantizer, int_conv2d, int_linear
+from lowbit.integer.ops import (
+    OnednnConv2d,
+    Requantizer,
+    check_backend,
+    int_conv2d,
+    int_linear,
+    onednn_available,
+)
 
 __all__ = [
     "Grid",
@@ -288,10 +295,32 @@ class IntegerModel:
         """Run the integer program on the quantized input ``q``; integer ops only.
 
         Returns the integer output (``dequantize_output`` turns it into logits); with
-        ``return_values`` also every intermediate tensor by name.
+        ``return_values`` also every intermediate tensor by name. ``backend``:
+
+        ``"torch"``     pure torch (im2col + ``torch._int_mm``, int64 requantization)
+        ``"compiled"``  lowbit's compiled channels-last kernels: NHWC im2col + ``_int_mm`` and
+                        the fused requantization / residual epilogue (the other nodes as with
+                        ``"auto"``); RuntimeError where they cannot be built
+        ``"onednn"``    the same, with each convolution whose accumulators are certified below
+                        2^24 in oneDNN's int8 convolution (exact int32 sums carried in float32,
+                        see :class:`~lowbit.integer.ops.OnednnConv2d`); RuntimeError where
+                        oneDNN cannot be used exactly
+        ``"auto"``      the fastest of these that is available (all give the same integers)
+
+        ``return_values`` runs node by node (``"onednn"`` and ``"compiled"`` then as ``"auto"``).
         """
+        check_backend(backend)
         if q.is_floating_point():
             raise TypeError(f"q must be an integer tensor (see quantize_input), got {q.dtype}")
+        if backend == "onednn" and not onednn_available():
+            raise RuntimeError("backend='onednn': oneDNN's exact int8 convolution is "
+                               "unavailable here (needs torch.ops.onednn and a CPU with VNNI or "
+                               "AMX-INT8); use 'auto', 'compiled' or 'torch'")
+        if backend in ("compiled", "onednn") and _fused_extension() is None:
+            raise RuntimeError(f"backend={backend!r}: the compiled channels-last kernels are "
+                               "unavailable (LOWBIT_NO_EXT set, or no compiler); use 'auto' or "
+                               "'torch'")
+        node_backend = "auto" if backend in ("compiled", "onednn") else backend
         env: dict[str, Tensor] = {self.nodes[0].output: q}
         keep: dict[str, Tensor] = {}
         if return_values or backend == "torch" or _fused_extension() is None:
@@ -304,7 +333,7 @@ class IntegerModel:
             elif fast is not None:
                 env[n.output] = fast.run(env[n.inputs[0]], backend)
             else:
-                env[n.output] = self._run_node(n, [env[v] for v in n.inputs], backend)
+                env[n.output] = self._run_node(n, [env[v] for v in n.inputs], node_backend)
             if return_values:
                 keep[n.output] = env[n.output]
             for v in (self._free_after[i + 1] if free is None else free[i]):
@@ -332,14 +361,15 @@ class IntegerModel:
         if getattr(self, "_plan_cache", None) is not None:
             return self._plan_cache
         dtypes = self.value_dtypes()
-        groups = _find_residual_groups(self.nodes, dtypes)
+        ranges = self._code_ranges()
+        groups = _find_residual_groups(self.nodes, dtypes, ranges)
         skip = {id(n) for g in groups for n in (g.conv.node, g.shortcut, g.add)}
         at_final: dict[int, Any] = {id(g.final): g for g in groups}
         steps = []
         for n in self.nodes[1:-1]:
             if id(n) in skip:
                 continue
-            g = at_final.get(id(n)) or _fast_conv(n, dtypes)
+            g = at_final.get(id(n)) or _fast_conv(n, dtypes, ranges)
             steps.append((n, g))
         last: dict[str, int] = {}
         for i, (n, g) in enumerate(steps):
@@ -349,6 +379,27 @@ class IntegerModel:
         free = [[v for v, j in last.items() if j == i] for i in range(len(steps))]
         self._plan_cache = (steps, free)
         return self._plan_cache
+
+    def _code_ranges(self) -> dict[str, tuple[int, int]]:
+        """Proven ``(lo, hi)`` of the integer codes of the tensors whose producer fixes them:
+        the input quantizer and every requantization (its output clamp)."""
+        out: dict[str, tuple[int, int]] = {}
+        for n in self.nodes[:-1]:
+            if n.op == "quantize":
+                out[n.output] = (int(n.attrs["qmin"]), int(n.attrs["qmax"]))
+            elif n.requant is not None:
+                r = n.requant.requantizer
+                out[n.output] = (int(r.qmin), int(r.qmax))
+        return out
+
+    def onednn_layers(self) -> list[str]:
+        """Names of the convolutions that the fused path runs in oneDNN (``backend="auto"`` or
+        ``"onednn"``): oneDNN available and the accumulator bound certified below 2^24."""
+        if _fused_extension() is None:
+            return []
+        steps, _ = self._fused_plan()
+        convs = [g.conv if isinstance(g, _ResidualGroup) else g for _, g in steps]
+        return [c.node.name for c in convs if isinstance(c, _FastConv) and c.onednn is not None]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -529,7 +580,9 @@ _FAST_SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 // compiled for x86-64-v4 (AVX-512 with 64-bit multiplies) and AVX2 next to the baseline,
 // chosen at load time; built without clones where the compiler does not know them
@@ -596,83 +649,166 @@ torch::Tensor im2col_nhwc(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, i
   return cols;
 }
 
-// the fixed-point rule on rows of int64 values x (channels along the row)
-#define LOWBIT_RULE(x, o)                                                       \
-  const int64_t v = (x) * mul[o] + off[o];                                      \
-  const int64_t k = sh[o];                                                      \
-  int64_t q = v >> k;                                                           \
-  q -= static_cast<int64_t>((v & ((int64_t(1) << k) - 1)) < win[o]) & (q & 1); \
-  q += zp;                                                                      \
-  q = q < qmin ? qmin : q;                                                      \
-  q = q > qmax ? qmax : q;
+// The epilogues work on blocks of up to 256 channels of one row, in three loops that the
+// compiler vectorizes (one element type each): accumulators to int64 (int32, or float32
+// holding integers below 2^24 in magnitude: exact oneDNN sums), the fixed-point rule in int64,
+// and the narrowing store. The rule, per channel o with v = x·mul + off:
+//   q = v >> k (floor); q -= [v mod 2^k < w and q odd]; clamp(q + zp, qmin, qmax)
+// with v mod 2^k written v - (q << k) and the test as a sign bit (both exact).
+constexpr int64_t kBlock = 256;
 
-// requantization of [R, O] int32 accumulators minus zs per channel
-#define LOWBIT_ROWS(NAME, OUT)                                                              \
-  LOWBIT_CLONES static void NAME(const int32_t* acc, OUT* out, int64_t R, int64_t O,         \
-                                 const int64_t* zs, const int64_t* mul, const int64_t* off, \
-                                 const int64_t* sh, const int64_t* win, int64_t zp,         \
-                                 int64_t qmin, int64_t qmax) {                              \
-    for (int64_t r = 0; r < R; ++r) {                                                       \
-      const int32_t* a = acc + r * O;                                                       \
-      OUT* y = out + r * O;                                                                 \
-      for (int64_t o = 0; o < O; ++o) {                                                     \
-        LOWBIT_RULE(int64_t(a[o]) - zs[o], o)                                               \
-        y[o] = static_cast<OUT>(q);                                                         \
+__attribute__((always_inline)) static inline void rule_block(
+    int64_t* __restrict__ t, int64_t n, const int64_t* __restrict__ mul,
+    const int64_t* __restrict__ off, const int64_t* __restrict__ sh,
+    const int64_t* __restrict__ win, int64_t zp, int64_t qmin, int64_t qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = t[i] * mul[i] + off[i];
+    const int64_t k = sh[i];
+    int64_t q = v >> k;
+    const int64_t low = v - static_cast<int64_t>(static_cast<uint64_t>(q) << k);  // in [0, 2^k)
+    const int64_t w = win[i] < 0 ? 0 : win[i];  // a negative window never applies
+    q -= ((low - w) >> 63) & q & 1;              // low < w: the sign of low - w (no overflow)
+    q += zp;
+    q = q < qmin ? qmin : q;
+    q = q > qmax ? qmax : q;
+    t[i] = q;
+  }
+}
+
+template <typename ACC>
+__attribute__((always_inline)) static inline void load_block(
+    const ACC* __restrict__ a, const int64_t* __restrict__ zs, int64_t* __restrict__ t,
+    int64_t n) {
+  for (int64_t i = 0; i < n; ++i) t[i] = static_cast<int64_t>(a[i]) - zs[i];
+}
+
+template <typename OUT>
+__attribute__((always_inline)) static inline void store_block(
+    const int64_t* __restrict__ t, OUT* __restrict__ y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<OUT>(t[i]);
+}
+
+// The per-channel constants are tiled to a period of L = a multiple of O (at least kBlock
+// elements when O is smaller), so that a flat range of [R, O] rows is processed in blocks of
+// up to kBlock elements whatever O is: block j of a period uses the constants from j on.
+static int64_t period(int64_t O) { return O >= kBlock ? O : (kBlock / O) * O; }
+
+static std::vector<int64_t> tiled(const int64_t* p, int64_t O, int64_t L, int64_t scale = 1) {
+  std::vector<int64_t> t(L);
+  for (int64_t i = 0; i < L; ++i) t[i] = p == nullptr ? (i % O) * scale : p[i % O];
+  return t;
+}
+
+// requantization of a flat range of `total` accumulators (rows of O) minus zs per channel
+#define LOWBIT_ROWS(NAME, OUT, ACC)                                                         \
+  LOWBIT_CLONES static void NAME(                                                           \
+      const ACC* __restrict__ acc, OUT* __restrict__ out, int64_t total, int64_t L,         \
+      const int64_t* __restrict__ zs, const int64_t* __restrict__ mul,                      \
+      const int64_t* __restrict__ off, const int64_t* __restrict__ sh,                      \
+      const int64_t* __restrict__ win, int64_t zp, int64_t qmin, int64_t qmax) {            \
+    alignas(64) int64_t t[kBlock];                                                          \
+    for (int64_t s0 = 0; s0 < total; s0 += L) {                                             \
+      for (int64_t j = 0; j < L && s0 + j < total; j += kBlock) {                           \
+        const int64_t n = std::min(std::min(kBlock, L - j), total - s0 - j);                \
+        load_block<ACC>(acc + s0 + j, zs + j, t, n);                                        \
+        rule_block(t, n, mul + j, off + j, sh + j, win + j, zp, qmin, qmax);                \
+        store_block<OUT>(t, out + s0 + j, n);                                               \
       }                                                                                     \
     }                                                                                       \
   }
-LOWBIT_ROWS(rows_i8, int8_t)
-LOWBIT_ROWS(rows_u8, uint8_t)
-LOWBIT_ROWS(rows_i32, int32_t)
+LOWBIT_ROWS(rows_i8, int8_t, int32_t)
+LOWBIT_ROWS(rows_u8, uint8_t, int32_t)
+LOWBIT_ROWS(rows_i32, int32_t, int32_t)
+LOWBIT_ROWS(rows_i8_f, int8_t, float)
+LOWBIT_ROWS(rows_u8_f, uint8_t, float)
+LOWBIT_ROWS(rows_i32_f, int32_t, float)
 
-// residual: x = G·(acc - zs) + lut[o][s], clamped per channel, then the rule
-#define LOWBIT_RES(NAME, OUT, IN)                                                             \
-  LOWBIT_CLONES static void NAME(const int32_t* acc, const IN* sc, OUT* out, int64_t R,        \
-                                 int64_t O, const int64_t* zs, const int64_t* g,              \
-                                 const int64_t* lut, const int64_t* clo, const int64_t* chi,  \
-                                 const int64_t* mul, const int64_t* off, const int64_t* sh,   \
-                                 const int64_t* win, int64_t zp, int64_t qmin, int64_t qmax) { \
-    for (int64_t r = 0; r < R; ++r) {                                                         \
-      const int32_t* a = acc + r * O;                                                         \
-      const IN* s = sc + r * O;                                                               \
-      OUT* y = out + r * O;                                                                   \
-      for (int64_t o = 0; o < O; ++o) {                                                       \
-        int64_t x = g[o] * (int64_t(a[o]) - zs[o]) + lut[o * 256 + int64_t(s[o])];           \
-        x = x < clo[o] ? clo[o] : (x > chi[o] ? chi[o] : x);                                  \
-        LOWBIT_RULE(x, o)                                                                     \
-        y[o] = static_cast<OUT>(q);                                                           \
+// residual: x = G·(acc - zs) + lut[o][s], clamped per channel, then the rule (lo: the
+// tiled o·256 row offsets into the table)
+#define LOWBIT_RES(NAME, OUT, IN, ACC)                                                        \
+  LOWBIT_CLONES static void NAME(                                                             \
+      const ACC* __restrict__ acc, const IN* __restrict__ sc, OUT* __restrict__ out,          \
+      int64_t total, int64_t L, const int64_t* __restrict__ zs, const int64_t* __restrict__ g, \
+      const int64_t* __restrict__ lut, const int64_t* __restrict__ lo,                        \
+      const int64_t* __restrict__ clo, const int64_t* __restrict__ chi,                       \
+      const int64_t* __restrict__ mul, const int64_t* __restrict__ off,                       \
+      const int64_t* __restrict__ sh, const int64_t* __restrict__ win, int64_t zp,            \
+      int64_t qmin, int64_t qmax) {                                                           \
+    alignas(64) int64_t t[kBlock];                                                            \
+    alignas(64) int64_t u[kBlock];                                                            \
+    for (int64_t s0 = 0; s0 < total; s0 += L) {                                               \
+      for (int64_t j = 0; j < L && s0 + j < total; j += kBlock) {                             \
+        const int64_t n = std::min(std::min(kBlock, L - j), total - s0 - j);                  \
+        const IN* __restrict__ s = sc + s0 + j;                                               \
+        load_block<ACC>(acc + s0 + j, zs + j, t, n);                                          \
+        for (int64_t i = 0; i < n; ++i) u[i] = lut[lo[j + i] + int64_t(s[i])];                \
+        for (int64_t i = 0; i < n; ++i) {                                                     \
+          const int64_t x = g[j + i] * t[i] + u[i];                                           \
+          const int64_t a = clo[j + i], b = chi[j + i];                                       \
+          t[i] = x < a ? a : (x > b ? b : x);                                                 \
+        }                                                                                     \
+        rule_block(t, n, mul + j, off + j, sh + j, win + j, zp, qmin, qmax);                  \
+        store_block<OUT>(t, out + s0 + j, n);                                                 \
       }                                                                                       \
     }                                                                                         \
   }
-LOWBIT_RES(res_i8_u8, int8_t, uint8_t)
-LOWBIT_RES(res_u8_u8, uint8_t, uint8_t)
-LOWBIT_RES(res_i32_u8, int32_t, uint8_t)
-LOWBIT_RES(res_i8_i8, int8_t, int8_t)
-LOWBIT_RES(res_u8_i8, uint8_t, int8_t)
-LOWBIT_RES(res_i32_i8, int32_t, int8_t)
+LOWBIT_RES(res_i8_u8, int8_t, uint8_t, int32_t)
+LOWBIT_RES(res_u8_u8, uint8_t, uint8_t, int32_t)
+LOWBIT_RES(res_i32_u8, int32_t, uint8_t, int32_t)
+LOWBIT_RES(res_i8_i8, int8_t, int8_t, int32_t)
+LOWBIT_RES(res_u8_i8, uint8_t, int8_t, int32_t)
+LOWBIT_RES(res_i32_i8, int32_t, int8_t, int32_t)
+LOWBIT_RES(res_i8_u8_f, int8_t, uint8_t, float)
+LOWBIT_RES(res_u8_u8_f, uint8_t, uint8_t, float)
+LOWBIT_RES(res_i32_u8_f, int32_t, uint8_t, float)
+LOWBIT_RES(res_i8_i8_f, int8_t, int8_t, float)
+LOWBIT_RES(res_u8_i8_f, uint8_t, int8_t, float)
+LOWBIT_RES(res_i32_i8_f, int32_t, int8_t, float)
 
 static torch::ScalarType out_type(int64_t kind) {  // 0 int8, 1 uint8, 2 int32
   return kind == 1 ? torch::kUInt8 : (kind == 2 ? torch::kInt32 : torch::kInt8);
 }
 
+static void check_acc(const torch::Tensor& acc) {
+  TORCH_CHECK((acc.dtype() == torch::kInt32 || acc.dtype() == torch::kFloat) &&
+              acc.dim() == 2 && acc.is_contiguous(),
+              "acc must be a contiguous [R, O] int32 (or exact float32) tensor");
+}
+
+static void check_channels(std::initializer_list<const torch::Tensor*> ts, int64_t O) {
+  for (const torch::Tensor* t : ts)
+    TORCH_CHECK(t->dtype() == torch::kInt64 && t->is_contiguous() && t->numel() == O,
+                "per-channel constants must be contiguous int64 [O]");
+}
+
 torch::Tensor requant_rows(torch::Tensor acc, torch::Tensor zs, torch::Tensor mul,
                            torch::Tensor off, torch::Tensor sh, torch::Tensor win, int64_t zp,
                            int64_t qmin, int64_t qmax, int64_t out_kind) {
-  TORCH_CHECK(acc.dtype() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
-              "acc must be a contiguous [R, O] int32 tensor");
+  check_acc(acc);
   const int64_t R = acc.size(0), O = acc.size(1);
+  check_channels({&zs, &mul, &off, &sh, &win}, O);
   auto out = torch::empty(acc.sizes(), acc.options().dtype(out_type(out_kind)));
-  const int32_t* a = acc.data_ptr<int32_t>();
-  const int64_t *z = zs.data_ptr<int64_t>(), *m = mul.data_ptr<int64_t>(),
-                *f = off.data_ptr<int64_t>(), *k = sh.data_ptr<int64_t>(),
-                *w = win.data_ptr<int64_t>();
-  at::parallel_for(0, R, 256, [&](int64_t b, int64_t e) {
-    if (out_kind == 1)
-      rows_u8(a + b * O, out.data_ptr<uint8_t>() + b * O, e - b, O, z, m, f, k, w, zp, qmin, qmax);
-    else if (out_kind == 2)
-      rows_i32(a + b * O, out.data_ptr<int32_t>() + b * O, e - b, O, z, m, f, k, w, zp, qmin, qmax);
-    else
-      rows_i8(a + b * O, out.data_ptr<int8_t>() + b * O, e - b, O, z, m, f, k, w, zp, qmin, qmax);
+  if (R == 0 || O == 0) return out;
+  const bool fl = acc.dtype() == torch::kFloat;
+  const int64_t L = period(O);
+  const auto z = tiled(zs.data_ptr<int64_t>(), O, L), m = tiled(mul.data_ptr<int64_t>(), O, L),
+             f = tiled(off.data_ptr<int64_t>(), O, L), k = tiled(sh.data_ptr<int64_t>(), O, L),
+             w = tiled(win.data_ptr<int64_t>(), O, L);
+  const int64_t grain = std::max<int64_t>(1, 16384 / O);
+  at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+#define LOWBIT_CALL(FN, OUT, ACC)                                                             \
+    FN(acc.data_ptr<ACC>() + b * O, out.data_ptr<OUT>() + b * O, (e - b) * O, L, z.data(),   \
+       m.data(), f.data(), k.data(), w.data(), zp, qmin, qmax)
+    if (fl) {
+      if (out_kind == 1) LOWBIT_CALL(rows_u8_f, uint8_t, float);
+      else if (out_kind == 2) LOWBIT_CALL(rows_i32_f, int32_t, float);
+      else LOWBIT_CALL(rows_i8_f, int8_t, float);
+    } else {
+      if (out_kind == 1) LOWBIT_CALL(rows_u8, uint8_t, int32_t);
+      else if (out_kind == 2) LOWBIT_CALL(rows_i32, int32_t, int32_t);
+      else LOWBIT_CALL(rows_i8, int8_t, int32_t);
+    }
+#undef LOWBIT_CALL
   });
   return out;
 }
@@ -682,35 +818,39 @@ torch::Tensor residual_requant(torch::Tensor acc, torch::Tensor zs, torch::Tenso
                                torch::Tensor chi, torch::Tensor mul, torch::Tensor off,
                                torch::Tensor sh, torch::Tensor win, int64_t zp, int64_t qmin,
                                int64_t qmax, int64_t out_kind) {
-  TORCH_CHECK(acc.dtype() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(),
-              "acc must be a contiguous [R, O] int32 tensor");
+  check_acc(acc);
   TORCH_CHECK((sc.dtype() == torch::kUInt8 || sc.dtype() == torch::kInt8) &&
               sc.is_contiguous() && sc.sizes() == acc.sizes(),
               "the shortcut must be a contiguous 8-bit tensor shaped like acc");
   const int64_t R = acc.size(0), O = acc.size(1);
-  TORCH_CHECK(lut.dtype() == torch::kInt64 && lut.size(0) == O && lut.size(1) == 256 &&
-              clo.numel() == O && chi.numel() == O, "lut [O, 256], clamps [O]");
+  TORCH_CHECK(lut.dtype() == torch::kInt64 && lut.is_contiguous() && lut.dim() == 2 &&
+              lut.size(0) == O && lut.size(1) == 256, "lut must be contiguous int64 [O, 256]");
+  check_channels({&zs, &g, &clo, &chi, &mul, &off, &sh, &win}, O);
   auto out = torch::empty(acc.sizes(), acc.options().dtype(out_type(out_kind)));
-  const bool su = sc.dtype() == torch::kUInt8;
-  const int32_t* a = acc.data_ptr<int32_t>();
-  const int64_t *z = zs.data_ptr<int64_t>(), *gg = g.data_ptr<int64_t>(),
-                *lt = lut.data_ptr<int64_t>() + (su ? 0 : 128), *cl = clo.data_ptr<int64_t>(),
-                *ch = chi.data_ptr<int64_t>(), *m = mul.data_ptr<int64_t>(),
-                *f = off.data_ptr<int64_t>(), *k = sh.data_ptr<int64_t>(),
-                *w = win.data_ptr<int64_t>();
-  at::parallel_for(0, R, 256, [&](int64_t b, int64_t e) {
-#define LOWBIT_CALL(FN, OUT, IN)                                                          \
-    FN(a + b * O, sc.data_ptr<IN>() + b * O, out.data_ptr<OUT>() + b * O, e - b, O, z, gg, \
-       lt, cl, ch, m, f, k, w, zp, qmin, qmax)
-    if (su) {
-      if (out_kind == 1) LOWBIT_CALL(res_u8_u8, uint8_t, uint8_t);
-      else if (out_kind == 2) LOWBIT_CALL(res_i32_u8, int32_t, uint8_t);
-      else LOWBIT_CALL(res_i8_u8, int8_t, uint8_t);
-    } else {
-      if (out_kind == 1) LOWBIT_CALL(res_u8_i8, uint8_t, int8_t);
-      else if (out_kind == 2) LOWBIT_CALL(res_i32_i8, int32_t, int8_t);
-      else LOWBIT_CALL(res_i8_i8, int8_t, int8_t);
-    }
+  if (R == 0 || O == 0) return out;
+  const bool su = sc.dtype() == torch::kUInt8, fl = acc.dtype() == torch::kFloat;
+  const int64_t L = period(O);
+  const auto z = tiled(zs.data_ptr<int64_t>(), O, L), gg = tiled(g.data_ptr<int64_t>(), O, L),
+             lo = tiled(nullptr, O, L, 256), cl = tiled(clo.data_ptr<int64_t>(), O, L),
+             ch = tiled(chi.data_ptr<int64_t>(), O, L), m = tiled(mul.data_ptr<int64_t>(), O, L),
+             f = tiled(off.data_ptr<int64_t>(), O, L), k = tiled(sh.data_ptr<int64_t>(), O, L),
+             w = tiled(win.data_ptr<int64_t>(), O, L);
+  const int64_t* lt = lut.data_ptr<int64_t>() + (su ? 0 : 128);  // int8 s indexes s + 128
+  const int64_t grain = std::max<int64_t>(1, 16384 / O);
+  at::parallel_for(0, R, grain, [&](int64_t b, int64_t e) {
+#define LOWBIT_CALL(FN, OUT, IN, ACC)                                                      \
+    FN(acc.data_ptr<ACC>() + b * O, sc.data_ptr<IN>() + b * O, out.data_ptr<OUT>() + b * O, \
+       (e - b) * O, L, z.data(), gg.data(), lt, lo.data(), cl.data(), ch.data(), m.data(),  \
+       f.data(), k.data(), w.data(), zp, qmin, qmax)
+#define LOWBIT_OUTS(SUFFIX, IN, ACC)                                                       \
+    if (out_kind == 1) LOWBIT_CALL(res_u8_##SUFFIX, uint8_t, IN, ACC);                    \
+    else if (out_kind == 2) LOWBIT_CALL(res_i32_##SUFFIX, int32_t, IN, ACC);              \
+    else LOWBIT_CALL(res_i8_##SUFFIX, int8_t, IN, ACC);
+    if (su && fl) { LOWBIT_OUTS(u8_f, uint8_t, float) }
+    else if (su) { LOWBIT_OUTS(u8, uint8_t, int32_t) }
+    else if (fl) { LOWBIT_OUTS(i8_f, int8_t, float) }
+    else { LOWBIT_OUTS(i8, int8_t, int32_t) }
+#undef LOWBIT_OUTS
 #undef LOWBIT_CALL
   });
   return out;
@@ -745,8 +885,8 @@ def _fused_extension() -> Any:
 
         err: Exception | None = None
         _fast_state["mod"] = None
-        for name, flags in (("lowbit_integer_nhwc_v3", []),
-                            ("lowbit_integer_nhwc_v3_plain", ["-DLOWBIT_NO_CLONES"])):
+        for name, flags in (("lowbit_integer_nhwc_v5", []),
+                            ("lowbit_integer_nhwc_v5_plain", ["-DLOWBIT_NO_CLONES"])):
             try:
                 _fast_state["mod"] = load_inline(
                     name=name, cpp_sources=[_FAST_DECL + _FAST_SOURCE],
@@ -765,19 +905,37 @@ def _fused_extension() -> Any:
 
 
 class _FastConv:
-    """A conv2d node on channels-last integers: NHWC im2col, ``_int_mm`` giving ``[rows, O]``
-    accumulators (already NHWC), requantization along the last dim. Same integers as
-    :func:`~lowbit.integer.ops.int_conv2d`."""
+    """A conv2d node on channels-last integers: ``[rows, O]`` accumulators (already NHWC) from
+    oneDNN's int8 convolution where it is certified exact (:attr:`onednn`), else from NHWC
+    im2col + ``_int_mm``; requantization along the last dim. Same integers as
+    :func:`~lowbit.integer.ops.int_conv2d`. ``last_path`` tells which ran last
+    (``"onednn"`` or ``"int_mm"``)."""
 
-    def __init__(self, n: Node, in_dtype: torch.dtype) -> None:
+    def __init__(self, n: Node, in_dtype: torch.dtype,
+                 code_range: tuple[int, int] | None = None) -> None:
         self.node = n
         w = n.weight
         self.wt = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).t().contiguous()  # [K, O]
         a = n.attrs
         self.z8 = a["input_zero_point"] - (128 if in_dtype == torch.uint8 else 0)
         self.zs = self.z8 * w.reshape(w.shape[0], -1).to(torch.int64).sum(1)
+        self.onednn = OnednnConv2d.certified(
+            w, input_zero_point=a["input_zero_point"], input_dtype=in_dtype,
+            input_range=code_range, stride=tuple(a["stride"]), padding=tuple(a["padding"]),
+            dilation=tuple(a["dilation"]))
+        self.no_offset = torch.zeros(w.shape[0], dtype=torch.int64)  # oneDNN subtracts z
+        self.last_path: str | None = None
 
-    def accumulate(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    def accumulate(self, x: Tensor, backend: str = "auto"
+                   ) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+        """``(acc, zs, (n, oh, ow))``: ``acc - zs`` is the exact accumulator, ``[rows, O]``
+        int32 (``_int_mm``) or float32 holding integers below 2^24 (oneDNN)."""
+        if self.onednn is not None and backend in ("auto", "onednn"):
+            y = self.onednn(x)  # [N, O, OH, OW], channels-last memory
+            n, o, oh, ow = y.shape
+            self.last_path = "onednn"
+            return y.permute(0, 2, 3, 1).reshape(-1, o), self.no_offset, (n, oh, ow)
+        self.last_path = "int_mm"
         a = self.node.attrs
         kh, kw = self.node.weight.shape[2:]
         xh = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
@@ -787,17 +945,17 @@ class _FastConv:
         (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        return torch._int_mm(cols, self.wt), (n, oh, ow)
+        return torch._int_mm(cols, self.wt), self.zs, (n, oh, ow)
 
     def run(self, x: Tensor, backend: str) -> Tensor:
-        acc, (n, oh, ow) = self.accumulate(x)
+        acc, zs, (n, oh, ow) = self.accumulate(x, backend)
         r = self.node.requant.requantizer
         if r.dtype in _OUT_KINDS:
-            y = _fused_extension().requant_rows(acc, self.zs, r.multiplier, r.offset, r.shift,
+            y = _fused_extension().requant_rows(acc, zs, r.multiplier, r.offset, r.shift,
                                                 r.window, r.zero_point, r.qmin, r.qmax,
                                                 _OUT_KINDS[r.dtype])
-        else:
-            y = r(acc, dim=-1, backend="torch", acc_offset=self.zs)
+        else:  # float32 accumulators hold integers below 2^24: int32 exactly
+            y = r(acc.to(torch.int32), dim=-1, backend="torch", acc_offset=zs)
         return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
 
 
@@ -824,11 +982,11 @@ class _ResidualGroup:
 
     def run(self, env: dict[str, Tensor], backend: str) -> Tensor:
         x, s = env[self.conv.node.inputs[0]], env[self.shortcut.inputs[0]]
-        acc, (n, oh, ow) = self.conv.accumulate(x)
+        acc, zs, (n, oh, ow) = self.conv.accumulate(x, backend)
         sc = s.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         r = self.final.requant.requantizer
         y = _fused_extension().residual_requant(
-            acc, self.conv.zs, self.gain, sc.reshape(acc.shape), self.lut, self.clamp[0],
+            acc, zs, self.gain, sc.reshape(acc.shape), self.lut, self.clamp[0],
             self.clamp[1], r.multiplier, r.offset, r.shift, r.window, r.zero_point, r.qmin,
             r.qmax, _OUT_KINDS[r.dtype])
         return y.view(n, oh, ow, -1).permute(0, 3, 1, 2)
@@ -837,14 +995,16 @@ class _ResidualGroup:
 _OUT_KINDS = {torch.int8: 0, torch.uint8: 1, torch.int32: 2}
 
 
-def _fast_conv(n: Node, dtypes: dict[str, torch.dtype]) -> _FastConv | None:
+def _fast_conv(n: Node, dtypes: dict[str, torch.dtype],
+               ranges: dict[str, tuple[int, int]] | None = None) -> _FastConv | None:
     if n.op != "conv2d" or n.attrs["groups"] != 1 or dtypes[n.inputs[0]] not in (
             torch.int8, torch.uint8):
         return None
-    return _FastConv(n, dtypes[n.inputs[0]])
+    return _FastConv(n, dtypes[n.inputs[0]], (ranges or {}).get(n.inputs[0]))
 
 
-def _find_residual_groups(nodes: list[Node], dtypes: dict[str, torch.dtype]
+def _find_residual_groups(nodes: list[Node], dtypes: dict[str, torch.dtype],
+                          ranges: dict[str, tuple[int, int]] | None = None
                           ) -> list[_ResidualGroup]:
     uses: dict[str, int] = {}
     for n in nodes:
@@ -870,7 +1030,7 @@ def _find_residual_groups(nodes: list[Node], dtypes: dict[str, torch.dtype]
         conv, short = convs[0], shorts[0]
         crq, srq = conv.requant, short.requant
         arr = crq.integer_arrays()
-        fast = _fast_conv(conv, dtypes)
+        fast = _fast_conv(conv, dtypes, ranges)
         if (fast is None or crq.fixed_point is not None or crq.input_clamp is not None
                 or arr["k"].any() or arr["C"].any() or arr["w"].any()
                 or srq.input_clamp is not None or dtypes[short.inputs[0]] not in eight):

@@ -37,20 +37,29 @@ __all__ = [
     "int_conv2d",
     "Conv2dKernel",
     "ResidualEpilogue",
+    "OnednnConv2d",
+    "onednn_available",
+    "onednn_accumulator_bound",
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "torch", "compiled")
+BACKENDS = ("auto", "torch", "compiled", "onednn")
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else a ValueError naming them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def _use_ext(backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if check_backend(backend) == "torch":
         return False
     if _ext.extension() is None:
-        if backend == "compiled":
-            raise RuntimeError("the compiled integer kernels are unavailable")
+        if backend in ("compiled", "onednn"):
+            raise RuntimeError(f"backend={backend!r}: the compiled integer kernels are "
+                               "unavailable")
         return False
     return True
 
@@ -471,3 +480,166 @@ class Conv2dKernel:
 
 def _use_vnni(backend: str) -> bool:
     return _use_ext(backend) and _ext.vnni() is not None
+
+
+# ------------------------------------------------------------------ oneDNN int8 convolution
+#: float32 holds every integer of magnitude up to 2^24: the accumulators oneDNN returns as
+#: float32 (all scales 1.0) are exact below it.
+ONEDNN_EXACT_LIMIT = 2**24
+
+_onednn_state: dict[str, bool] = {}
+
+
+def _cpu_has_int8_dot() -> bool:
+    """VNNI (AVX-512 or AVX) or AMX-INT8: oneDNN's int8 products then sum in int32 without the
+    int16 saturation of ``vpmaddubsw`` that older x86 code paths have."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _onednn_ops_present() -> bool:
+    try:
+        ops = torch.ops.onednn
+        return all(hasattr(ops, name) for name in ("qconv_prepack", "qconv2d_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn_probe() -> bool:
+    """Convolutions whose u8·s8 pairs would saturate int16 (255·127·2 > 2^15) and whose sums
+    reach 2^23, against float64: exact or not."""
+    g = torch.Generator().manual_seed(0)
+    c, o = 32, 16  # sum |w| <= 288·128: every bound below 2^24
+    x = torch.where(torch.rand(3, c, 5, 5, generator=g) < 0.7, 255, 0).to(torch.uint8)
+    x[0] = 255
+    w = torch.where(torch.rand(o, c, 3, 3, generator=g) < 0.8, 127, -128).to(torch.int8)
+    w[0] = 127  # 255·127·288 ~ 2^23.1 at the centre of image 0
+    for z in (0, 77):
+        conv = OnednnConv2d(w, input_zero_point=z, input_dtype=torch.uint8, padding=1,
+                            _probing=True)
+        want = torch.nn.functional.conv2d(x.double() - z, w.double(), padding=1)
+        if not torch.equal(conv(x).double(), want):
+            return False
+    return True
+
+
+def onednn_available() -> bool:
+    """Whether oneDNN's int8 convolution (``torch.ops.onednn``) gives exact accumulators here:
+    the ops exist in this torch, the CPU has VNNI or AMX-INT8, and a probe convolution agrees
+    with float64 bit for bit. Checked once per process."""
+    if "ok" not in _onednn_state:
+        ok = False
+        if _onednn_ops_present() and _cpu_has_int8_dot():
+            try:
+                ok = _onednn_probe()
+            except Exception:  # an op that exists but rejects these arguments: not usable
+                ok = False
+        _onednn_state["ok"] = ok
+    return _onednn_state["ok"]
+
+
+def onednn_accumulator_bound(weight: Tensor, input_range: tuple[int, int], input_zero_point: int,
+                             input_dtype: torch.dtype) -> Tensor:
+    """int64 ``[O]``: a bound on every sum oneDNN may form for output channel ``o``.
+
+    oneDNN reads uint8 codes ``u`` (int8 inputs are shifted by 128, with their zero point) and
+    may sum ``w·u`` and the zero-point term ``z_u·sum(w)`` separately before subtracting; with
+    ``u`` in ``[lo_u, hi_u]`` (``lo_u >= 0``) and the padding worth ``z_u``, each of them, and
+    the exact accumulator ``sum w·(u - z_u)`` too, is at most ``max(hi_u, z_u)·sum_k |w[o, k]|``
+    in magnitude.
+    """
+    shift = 128 if input_dtype == torch.int8 else 0
+    lo, hi = int(input_range[0]) + shift, int(input_range[1]) + shift
+    z = int(input_zero_point) + shift
+    if not 0 <= lo <= hi <= 255 or not 0 <= z <= 255:
+        raise ValueError(f"input range {tuple(input_range)} / zero point {input_zero_point} do "
+                         f"not fit {input_dtype}")
+    return max(hi, z) * weight.reshape(weight.shape[0], -1).to(torch.int64).abs().sum(1)
+
+
+class OnednnConv2d:
+    """oneDNN's int8 convolution as an exact integer accumulator (``groups=1``).
+
+    ``conv(x)`` for int8/uint8 ``x [N, C, H, W]`` returns float32 ``[N, O, OH, OW]``
+    (channels-last memory) holding exactly ``sum_k w[o, k]·(x_k - z)`` with padding worth the
+    zero point: all scales are 1.0 and :func:`onednn_accumulator_bound` must stay below
+    :data:`ONEDNN_EXACT_LIMIT`, which the constructor checks over ``input_range`` (default: the
+    whole range of ``input_dtype``). The weight is packed once per input shape (oneDNN picks its
+    blocking by shape). Raises RuntimeError where :func:`onednn_available` is false.
+    """
+
+    def __init__(self, weight: Tensor, *, input_zero_point: int, input_dtype: torch.dtype,
+                 stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                 input_range: tuple[int, int] | None = None, _probing: bool = False) -> None:
+        _check_weight(weight)
+        if weight.dim() != 4:
+            raise ValueError(f"weight must be [O, C, KH, KW], got {tuple(weight.shape)}")
+        if input_dtype not in RANGES_8BIT:
+            raise TypeError(f"input_dtype must be torch.int8 or torch.uint8, got {input_dtype}")
+        if not _probing and not onednn_available():
+            raise RuntimeError("oneDNN's exact int8 convolution is unavailable here (needs "
+                               "torch.ops.onednn and a CPU with VNNI or AMX-INT8)")
+        rng = RANGES_8BIT[input_dtype] if input_range is None else input_range
+        bound = onednn_accumulator_bound(weight, rng, input_zero_point, input_dtype)
+        if bound.numel() and int(bound.max()) >= ONEDNN_EXACT_LIMIT:
+            raise ValueError(f"accumulators may reach {int(bound.max())} >= 2^24: float32 "
+                             "results would not be exact")
+        self.weight = weight.contiguous()
+        self.input_dtype = input_dtype
+        self.bound = bound
+        self.zu8 = int(input_zero_point) + (128 if input_dtype == torch.int8 else 0)
+        self.stride, self.padding = list(_pair(stride, "stride")), list(_pair(padding, "padding"))
+        self.dilation = list(_pair(dilation, "dilation"))
+        o = weight.shape[0]
+        self._scales = torch.ones(o, dtype=torch.float32)
+        self._zeros = torch.zeros(o, dtype=torch.int64)
+        self._packed: dict[tuple[int, ...], Tensor] = {}
+
+    @staticmethod
+    def certified(weight: Tensor, *, input_zero_point: int, input_dtype: torch.dtype,
+                  input_range: tuple[int, int] | None = None, **geometry: Any
+                  ) -> OnednnConv2d | None:
+        """The layer where oneDNN is available and the bound certifies it, else None."""
+        if not onednn_available() or weight.dim() != 4 or input_dtype not in RANGES_8BIT:
+            return None
+        lo, hi = RANGES_8BIT[input_dtype]
+        if input_range is not None:  # codes are stored in input_dtype: intersect
+            lo, hi = max(lo, int(input_range[0])), min(hi, int(input_range[1]))
+        if not lo <= int(input_zero_point) <= hi:
+            return None
+        rng = (lo, hi)
+        bound = onednn_accumulator_bound(weight, rng, input_zero_point, input_dtype)
+        if bound.numel() and int(bound.max()) >= ONEDNN_EXACT_LIMIT:
+            return None
+        return OnednnConv2d(weight, input_zero_point=input_zero_point, input_dtype=input_dtype,
+                            input_range=rng, **geometry)
+
+    def _weight_for(self, shape: tuple[int, ...]) -> Tensor:
+        pw = self._packed.get(shape)
+        if pw is None:
+            if len(self._packed) >= 8:  # a few batch sizes at a time
+                self._packed.clear()
+            pw = torch.ops.onednn.qconv_prepack(self.weight, self._scales, 1.0, self.zu8,
+                                                self.stride, self.padding, self.dilation, 1,
+                                                list(shape))
+            self._packed[shape] = pw
+        return pw
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dtype != self.input_dtype or x.dim() != 4 or x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"x must be {self.input_dtype} [N, {self.weight.shape[1]}, H, W], "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        xu = x.contiguous(memory_format=torch.channels_last)
+        if x.dtype == torch.int8:  # u = x + 128, exactly (the zero point moved alike)
+            xu = torch.bitwise_xor(xu.view(torch.uint8), 128)
+        pw = self._weight_for(tuple(x.shape))
+        return torch.ops.onednn.qconv2d_pointwise(
+            xu, 1.0, self.zu8, pw, self._scales, self._zeros, None, self.stride, self.padding,
+            self.dilation, 1, 1.0, 0, torch.float32, "none", [], "")
+
+
+RANGES_8BIT = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
