@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import randomize_bn
 from lowbit import models
 from lowbit import nn as lnn
 from lowbit.integer import to_integer
@@ -152,13 +153,7 @@ def resnet20_int():
     torch.manual_seed(3)
     model = models.create("resnet20").eval()
     g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.rand(n, generator=g) * 0.4 - 0.2
-            m.running_mean.data = torch.randn(n, generator=g) * 0.2
-            m.running_var.data = torch.rand(n, generator=g) + 0.5
+    randomize_bn(model, g, gamma=(0.5, 1.5), beta=(-0.2, 0.2))
     fq = lnn.convert(model, "w8a8", first_last="same")
     return to_integer(fq, [torch.randn(16, 3, 32, 32, generator=g) for _ in range(2)])
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import randomize_bn
 from lowbit import models
 from lowbit import nn as lnn
 from lowbit.integer import to_integer
@@ -27,14 +28,7 @@ from lowbit.integer.onnx_export import (  # noqa: E402
 
 
 def _randomize_bn(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) * 2.0 - 0.5
-            m.bias.data = torch.rand(n, generator=g) * 0.6 - 0.3
-            m.running_mean.data = torch.randn(n, generator=g) * 0.2
-            m.running_var.data = torch.rand(n, generator=g) + 0.5
+    randomize_bn(model, torch.Generator().manual_seed(seed))  # negative gammas too
 
 
 @pytest.fixture(scope="module")
