@@ -370,6 +370,8 @@ def test_loss_scaler_slot(tmp_path):
                                                                    "growth_interval": 3}}))
     assert all(r["loss_scale"] >= 256.0 for r in res.metrics)
     ckpt = load_checkpoint(tmp_path)
+    skipped = [r["skipped_steps"] for r in res.metrics]  # cumulative, as the scaler counts
+    assert skipped == sorted(skipped) and skipped[-1] == ckpt["scaler"]["skipped"]
     assert ckpt["scaler"]["steps"] == 2 * len(toy_task().train_loader)
 
 

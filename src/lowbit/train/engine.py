@@ -657,6 +657,8 @@ class Trainer:
                 self._diverged(f"the evaluation loss became {row['val_loss']}", epoch)
             if hasattr(self.scaler, "loss_scale"):
                 row["loss_scale"] = float(self.scaler.loss_scale)
+            if hasattr(self.scaler, "skipped_steps"):  # overflowing steps so far (cumulative)
+                row["skipped_steps"] = int(self.scaler.skipped_steps)
             for cb in self.callbacks:
                 if hasattr(cb, "on_epoch_end"):
                     cb.on_epoch_end(self, row)
