@@ -102,3 +102,6 @@ def test_ptq_of_a_recipe_with_init_weights(fp32_run, tmp_path):
     assert evaluate(r["checkpoint"])["val_top1"] == pytest.approx(r["top1"])
     with pytest.raises(ValueError, match="model.init=WEIGHTS"):
         run_ptq("digits", out_dir=tmp_path / "x", w_bits=8, a_bits=8)
+    with pytest.raises(FileNotFoundError, match="model.init.*does not exist"):
+        run_ptq("imagenet_resnet18_fp32", overrides=[f"model.init={tmp_path / 'none.pth'}"],
+                out_dir=tmp_path / "y")  # named before any (absent) ImageNet is looked for

@@ -213,6 +213,8 @@ def _load_float_model(checkpoint: str | os.PathLike,
             raise ValueError(f"{checkpoint!r} is a recipe: give the trained float weights to "
                              "quantize with model.init=WEIGHTS (a lowbit checkpoint or a "
                              "state-dict file)")
+        if not Path(cfg["model"]["init"]).exists():  # before reading any data
+            raise FileNotFoundError(f"model.init: {cfg['model']['init']!r} does not exist")
         if cfg.get("variants"):  # a multi-variant recipe: its float variant
             runs = [c for _, c in config_mod.split_variants(cfg)]
             cfg = next((c for c in runs if c["quant"]["scheme"] in ("", "fp32")), runs[0])
