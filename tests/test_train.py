@@ -301,6 +301,31 @@ def test_weight_decay_skips_bn_and_biases():
             assert torch.equal(p, before[n]), n
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_fused_optimizer_equals_the_loop(name):
+    """optim.fused (the default) picks torch's fused kernel and gives the loop's update (up to
+    the last bit: the fused kernel contracts multiply-adds)."""
+    torch.manual_seed(0)
+    models = [toy_model(), toy_model()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer(m, name, lr=0.05, weight_decay=1e-3, fused=f)
+            for m, f in zip(models, (True, False))]
+    assert opts[0].defaults.get("fused") is True and not opts[1].defaults.get("fused")
+    for step in range(20):
+        for m in models:
+            g = torch.Generator().manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+        for o in opts:
+            o.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=4e-6, atol=1e-7)
+    # groups given as dicts (with a bare tensor as "params") work too; AdaMax has no fused kernel
+    w = nn.Parameter(torch.ones(3))
+    assert build_optimizer([{"params": w}], name, lr=0.1).defaults.get("fused") is True
+    assert not build_optimizer(toy_model(), "adamax", lr=0.1).defaults.get("fused")
+
+
 def test_unknown_optimizer_and_missing_shift_adamax():
     with pytest.raises(ValueError, match="sgd, adam, adamax, shift_adamax"):
         build_optimizer(toy_model(), "adamw", lr=0.1)

@@ -118,6 +118,7 @@ OPTIONS: dict[str, Option] = {
                                minimum=0.0),
     "optim.betas": _opt([0.9, 0.999], list, "Adam/AdaMax betas"),
     "optim.eps": _opt(1e-8, (float, int), "Adam/AdaMax epsilon", minimum=0.0),
+    "optim.fused": _opt(True, bool, "SGD/Adam as torch's fused kernels (same update to the last bit, faster)"),
     "optim.master_dtype": _opt("fp32", str, "master weights kept in fp32, fp16 or bf16",
                                choices=("fp32", "fp16", "bf16")),
     "optim.master_rounding": _opt("stochastic", str, "rounding of 16-bit master weights",

@@ -407,7 +407,7 @@ class Trainer:
         o = cfg["optim"]
         self.optimizer = build_optimizer(
             self.model, o["name"], lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
-            weight_decay=o["weight_decay"], betas=o["betas"], eps=o["eps"],
+            weight_decay=o["weight_decay"], betas=o["betas"], eps=o["eps"], fused=o["fused"],
         )
         self.scheduler = build_scheduler(self.optimizer, cfg["schedule"], epochs=cfg["epochs"],
                                          steps_per_epoch=self.steps_per_epoch, base_lr=o["lr"])

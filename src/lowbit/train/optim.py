@@ -39,6 +39,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def _fusable(groups: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether torch's fused SGD/Adam kernels accept every parameter of ``groups``."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") and not p.is_sparse
+        for p in params)
+
+
 def _shift_adamax() -> type:
     try:
         mod = importlib.import_module("lowbit.train.shift_adamax")
@@ -55,7 +63,7 @@ def _shift_adamax() -> type:
 def build_optimizer(
     model_or_groups: nn.Module | Iterable[dict[str, Any]], name: str, *, lr: float,
     momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0,
-    betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+    betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = True,
 ) -> torch.optim.Optimizer:
     """An optimizer by name: ``"sgd"``, ``"adam"``, ``"adamax"`` or ``"shift_adamax"``.
 
@@ -68,15 +76,19 @@ def build_optimizer(
     if isinstance(model_or_groups, nn.Module):
         groups = param_groups(model_or_groups, weight_decay)
     else:
-        groups = list(model_or_groups)
+        groups = [dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor)
+                       else list(g["params"])) for g in model_or_groups]
     if not groups:
         raise ValueError("build_optimizer: the model has no trainable parameters")
     betas = (float(betas[0]), float(betas[1]))
+    extra = {"fused": True} if fused and _fusable(groups) else {}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum,
-                               nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+                               nesterov=nesterov and momentum > 0, weight_decay=weight_decay,
+                               **extra)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                **extra)
     if name == "adamax":
         return torch.optim.Adamax(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return _shift_adamax()(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
