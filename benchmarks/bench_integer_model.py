@@ -5,12 +5,16 @@ quantized model calibrated on the same random batches):
 
 * ``fp32 eager``: the float model in PyTorch (the baseline of every ratio);
 * ``lowbit int8``: the integer model of the W8A8 fake-quant model on the fused channels-last
-  path (``backend="auto"``): each convolution whose accumulators are certified below 2^24 in
-  oneDNN's int8 convolution (exact int32 sums returned in float32,
-  ``lowbit.integer.ops.OnednnConv2d``) where oneDNN is usable exactly, the others in NHWC
-  im2col + ``torch._int_mm``; the compiled fixed-point requantization (and residual add) after
-  it; ``lowbit int8 (_int_mm)``: the same path with every convolution in im2col +
-  ``torch._int_mm`` (``backend="compiled"``); and the pure-torch kernels (``backend="torch"``);
+  path (``backend="auto"``): each convolution (and residual block) on the fastest of its
+  exact paths, timed once per layer and input shape in the warm-up (the choices are recorded
+  in the JSON): ``lowbit int8 (VNNI)``, lowbit's AVX-512 VNNI convolution with the
+  fixed-point requantization and the residual add in its register epilogue
+  (``backend="vnni"``); ``lowbit int8 (oneDNN)``, oneDNN's int8 convolution wherever its
+  accumulators are certified below 2^24 (exact int32 sums returned in float32,
+  ``lowbit.integer.ops.OnednnConv2d``), the compiled requantization after it
+  (``backend="onednn"``); ``lowbit int8 (_int_mm)``, NHWC im2col + ``torch._int_mm`` and the
+  same requantization (``backend="compiled"``); and the pure-torch kernels
+  (``backend="torch"``);
 * ``lowbit 4-bit``: the W4A4 model (4-bit weights and activations in the middle layers, 8-bit
   first/last), through the same int8 kernels (no packed 4-bit kernel);
 * ``torch.ao x86``: ``prepare_fx``/``convert_fx`` with the x86 qconfig (FBGEMM/oneDNN int8);
@@ -218,6 +222,19 @@ def onednn_convolutions(im) -> tuple[int, int]:
     return len(im.onednn_layers()), sum(n.op == "conv2d" for n in im.nodes)
 
 
+def vnni_available() -> bool:
+    from lowbit.integer import _ext
+
+    return _ext.vnni() is not None
+
+
+def chosen_paths(im, batch: int) -> dict[str, str]:
+    """The path ``backend="auto"`` settled on for each fused layer at this batch size."""
+    steps, _ = im._fused_plan()
+    return {n.name: p for n, g in steps if g is not None and hasattr(g, "chosen")
+            for key, p in g.chosen.items() if key[0][0] == batch}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
@@ -257,6 +274,7 @@ def main() -> None:
     for k, v in schemes.items():
         print(f"  {k:24s} {v['differ']:8d} of {v['cases']} differ from the exact result")
     results = []
+    auto_paths: dict[int, dict[str, dict[str, str]]] = {}
     for bs in args.batches:
         x = torch.randn(bs, 3, 32, 32, generator=g)
         xn = x.numpy()
@@ -272,17 +290,23 @@ def main() -> None:
             fns = {
                 "fp32 eager": lambda x=x: model(x),
                 "lowbit int8": lambda q=q8: im8.run_integer(q),
+                "lowbit int8 (VNNI)": lambda q=q8: im8.run_integer(q, backend="vnni"),
+                "lowbit int8 (oneDNN)": lambda q=q8: im8.run_integer(q, backend="onednn"),
                 "lowbit int8 (_int_mm)": lambda q=q8: im8.run_integer(q, backend="compiled"),
                 "lowbit int8 (torch kernels)": lambda q=q8: im8.run_integer(q, backend="torch"),
                 "lowbit 4-bit": lambda q=q4: im4.run_integer(q),
                 "torch.ao x86": lambda x=x: aoq(x),
             }
+            if not vnni_available():
+                del fns["lowbit int8 (VNNI)"]
             for k, s in sessions.items():
                 fns[k] = lambda s=s, xn=xn: s.run(None, {"input": xn})
             inner = 5 if bs == 1 else 1
             for f in fns.values():  # warm up (kernel builds, allocator, ORT arenas)
                 f()
                 f()
+            auto_paths[bs] = {"int8": chosen_paths(im8, bs), "4-bit": chosen_paths(im4, bs)}
+            print(f"  auto paths (batch {bs}): {auto_paths[bs]['int8']}")
             load_before = os.getloadavg()
             times: dict[str, list[float]] = {k: [] for k in fns}
             cpu: dict[str, list[float]] = {k: [] for k in fns}
@@ -330,6 +354,7 @@ def main() -> None:
         "cpu_flags_avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
         if Path("/proc/cpuinfo").exists() else None,
         "scheme_disagreements": schemes,
+        "auto_paths": auto_paths,
         "bit_accounting": im8.summary(),
         "note": "medians of interleaved rounds; the machine is shared: see the load averages",
     }
@@ -371,6 +396,15 @@ def markdown(meta: dict, results: list[dict]) -> str:
         lines += [f"Convolutions in the AVX-512 VNNI kernel: {u8} of {t8} (int8 model), {u4} of "
                   f"{t4} (4-bit model); CPU reports avx512_vnni: "
                   f"{meta['cpu_flags_avx512_vnni']}.", ""]
+    if meta.get("auto_paths"):
+        lines += ["`lowbit int8` (`backend=\"auto\"`) chose, per layer: "
+                  + "; ".join(f"batch {bs}: " + ", ".join(
+                      f"{p} {sum(v == p for v in d['int8'].values())}"
+                      for p in ("vnni", "onednn", "int_mm")
+                      if any(v == p for v in d["int8"].values()))
+                      for bs, d in meta["auto_paths"].items())
+                  + f" (of {len(next(iter(meta['auto_paths'].values()))['int8'])} fused "
+                  "layers).", ""]
     for bs in sorted({r["batch"] for r in results}):
         rows = [r for r in results if r["batch"] == bs and r["model"] != "_check"]
         chk = next(r for r in results if r["batch"] == bs and r["model"] == "_check")

@@ -192,15 +192,21 @@ def _raw_requantizer(rng: np.random.Generator, o: int, outdt: torch.dtype, acc_b
 @needs_vnni
 @pytest.mark.parametrize("outdt", [torch.int8, torch.uint8, torch.int32])
 @pytest.mark.parametrize("seed", range(6))
-def test_epilogue_applies_the_integer_rule_exactly(outdt, seed):
+@pytest.mark.parametrize("wide", [False, True])
+def test_epilogue_applies_the_integer_rule_exactly(outdt, seed, wide):
     """Raw rules (large and negative multipliers, shifts up to 62, tie windows, clamping) on
-    real accumulators: compiled epilogue == the torch rule, every output."""
+    real accumulators: compiled epilogue == the torch rule, every output. ``wide``: some
+    multipliers beyond int32 (the kernel's 64 x 64-bit epilogue instead of its 32 x 32 one)."""
     rng = np.random.default_rng(seed)
     n, c, o, h = 2, 19, 37, 6
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, c, h, h), generator=g, dtype=torch.int16).to(torch.uint8)
     w = torch.randint(-128, 128, (o, c, 3, 3), generator=g, dtype=torch.int16).to(torch.int8)
     rq = _raw_requantizer(rng, o, outdt, acc_bits=22)
+    if wide:  # |M| up to 2^36: |M·x + C| < 2^59 still
+        rq = Requantizer(rq.multiplier * 64, rq.offset, rq.shift, rq.window, rq.zero_point,
+                         rq.qmin, rq.qmax, rq.dtype, rq.acc_range)
+        assert int(rq.multiplier.abs().max()) >= 2**31
     z = int(rng.integers(0, 256))
     kern = Conv2dKernel(w, rq, input_zero_point=z, input_dtype=torch.uint8, padding=1)
     assert kern.compiled
@@ -219,19 +225,23 @@ def test_epilogue_applies_the_integer_rule_exactly(outdt, seed):
         assert bool((y == rq.qmin).any()) and bool((y == rq.qmax).any())
 
 
-def _residual(rng: np.random.Generator, o: int, sdt: torch.dtype) -> ResidualEpilogue:
+def _residual(rng: np.random.Generator, o: int, sdt: torch.dtype, bits: int = 33
+               ) -> ResidualEpilogue:
     gain = torch.tensor(rng.integers(-4, 5, o), dtype=torch.int64)
-    lut = torch.tensor(rng.integers(-(2**31), 2**31, (o, 256)), dtype=torch.int64)
-    lo = torch.tensor(rng.integers(-(2**33), 0, o), dtype=torch.int64)
-    hi = torch.tensor(rng.integers(0, 2**33, o), dtype=torch.int64)
+    lut = torch.tensor(rng.integers(-(2**31), 2**31, (o, 256)), dtype=torch.int64) >> (33 - bits)
+    lo = torch.tensor(rng.integers(-(2**bits), 0, o), dtype=torch.int64)
+    hi = torch.tensor(rng.integers(0, 2**bits, o), dtype=torch.int64)
     return ResidualEpilogue(gain, lut, lo, hi)
 
 
 @pytest.mark.parametrize("sdt", [torch.uint8, torch.int8])
 @pytest.mark.parametrize("o", [16, 21, 64])
-def test_residual_epilogue_matches_its_definition(sdt, o):
+@pytest.mark.parametrize("bits", [33, 24])
+def test_residual_epilogue_matches_its_definition(sdt, o, bits):
     """x = clamp(gain·(acc - zs) + lut[o, s'], lo, hi), then the rule: compiled, the kernel's
-    torch path and a direct int64 evaluation agree."""
+    torch path and a direct int64 evaluation agree. Clamps beyond int32 (``bits`` 33) take
+    the kernel's 64-bit epilogue, clamps within it (24; the tables shifted alike, so that
+    clamping still bites) its 32 x 32-bit one."""
     rng = np.random.default_rng(o)
     g = torch.Generator().manual_seed(o)
     n, c, h = 3, 16, 5
@@ -240,7 +250,7 @@ def test_residual_epilogue_matches_its_definition(sdt, o):
     lo_s, hi_s = RANGES[sdt]
     sc = torch.randint(lo_s, hi_s + 1, (n, o, h, h), generator=g, dtype=torch.int16).to(sdt)
     rq = _raw_requantizer(rng, o, torch.uint8, acc_bits=36)
-    res = _residual(rng, o, sdt)
+    res = _residual(rng, o, sdt, bits)
     z = 7
     acc = _acc_exact(x, w, z, 1, 1, 1).movedim(1, -1).reshape(-1, o)
     s = sc.movedim(1, -1).reshape(-1, o).to(torch.int64) - lo_s

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from _helpers import randomize_bn
 from lowbit import models
 from lowbit import nn as lnn
-from lowbit.integer import to_integer
+from lowbit.integer import executor, to_integer
 from lowbit.integer.executor import Node, RequantSpec, _FastConv, _fused_extension
 from lowbit.integer.ops import (
     ONEDNN_EXACT_LIMIT,
@@ -110,8 +110,9 @@ def test_bound_at_the_float32_limit():
         fast = _FastConv(node, torch.uint8)
         assert (fast.onednn is not None) == expect
         x = torch.full((2, c, 3, 3), 255, dtype=torch.uint8)
-        y = fast.run(x, "auto")
+        y = fast.run(x, "onednn")
         assert fast.last_path == ("onednn" if expect else "int_mm")
+        assert torch.equal(fast.run(x, "auto"), y)  # "auto": the fastest path, same integers
         ref = int_conv2d(x, w, node.requant.requantizer, input_zero_point=0, backend="torch")
         assert torch.equal(y, ref)
         assert torch.equal(y.double(), F.conv2d(x.double(), w.double()))  # the sums
@@ -165,19 +166,69 @@ def test_resnet20_onednn_bit_exact(resnet20_int):
     for bs in (1, 7):
         q = im.quantize_input(torch.randn(bs, 3, 32, 32))
         want = im.run_integer(q, backend="torch")
-        for backend in ("auto", "onednn", "compiled"):
+        for backend in ("auto", "vnni" if _vnni() else "auto", "onednn", "compiled"):
             assert torch.equal(im.run_integer(q, backend=backend), want), (bs, backend)
-        steps, _ = im._fused_plan()
-        paths = {getattr(g, "conv", g).last_path for _, g in steps
-                 if g is not None and hasattr(getattr(g, "conv", g), "last_path")}
-        assert paths == {"int_mm"}  # the last run was "compiled"
+        assert set(_layer_paths(im)) == {"int_mm"}  # the last run was "compiled"
         im.run_integer(q, backend="onednn")
-        paths = {getattr(g, "conv", g).last_path for _, g in steps
-                 if g is not None and hasattr(getattr(g, "conv", g), "last_path")}
-        assert paths == {"onednn"}
+        assert set(_layer_paths(im)) == {"onednn"}
+
+
+def _layer_paths(im) -> list[str]:
+    steps, _ = im._fused_plan()
+    return [g.last_path for _, g in steps if g is not None and hasattr(g, "last_path")]
+
+
+def _vnni() -> bool:
+    from lowbit.integer import _ext
+
+    return _ext.vnni() is not None
+
+
+@pytest.mark.skipif(not _vnni(), reason="no AVX-512 VNNI kernel on this machine")
+def test_resnet20_vnni_and_autotuned_paths(resnet20_int):
+    """backend="vnni" runs every convolution (residual adds included) in lowbit's VNNI kernel;
+    "auto" times the available paths once per layer and input shape and keeps the fastest."""
+    im = resnet20_int
+    q = im.quantize_input(torch.randn(5, 3, 32, 32))
+    want = im.run_integer(q, backend="torch")
+    assert torch.equal(im.run_integer(q, backend="vnni"), want)
+    assert _layer_paths(im) == ["vnni"] * 19  # 10 convolutions + 9 fused residual blocks
+    steps, _ = im._fused_plan()
+    layers = [g for _, g in steps if g is not None and hasattr(g, "chosen")]
+    for g in layers:  # the module's model: forget the choices of earlier tests
+        g.chosen.clear()
+    assert torch.equal(im.run_integer(q, backend="auto"), want)
+    assert all(len(g.chosen) == 1 for g in layers)  # one input shape each
+    chosen = [next(iter(g.chosen.values())) for g in layers]
+    assert set(chosen) <= {"vnni", "onednn", "int_mm"}
+    assert _layer_paths(im) == chosen
+    assert torch.equal(im.run_integer(q, backend="auto"), want)  # cached choice
+
+
+def test_autotuning_checks_the_paths_agree(resnet20_int, monkeypatch):
+    im = resnet20_int
+    steps, _ = im._fused_plan()
+    layer = next(g for _, g in steps if g is not None and hasattr(g, "chosen"))
+    if len(executor._paths(layer)) < 2:
+        pytest.skip("a single path on this machine: nothing to compare")
+    monkeypatch.setattr(layer, "chosen", {})
+    real = layer._run_accumulated
+    # the _int_mm path (always a candidate, never the first of two) now returns wrong integers
+    monkeypatch.setattr(layer, "_run_accumulated",
+                        lambda *a: real(*a) + (1 if a[-1] == "compiled" else 0))
+    q = im.quantize_input(torch.randn(2, 3, 32, 32))
+    with pytest.raises(RuntimeError, match="disagree"):
+        im.run_integer(q, backend="auto")
+
+
+def test_vnni_backend_unavailable_is_a_clear_error(resnet20_int, monkeypatch):
+    monkeypatch.setattr(executor, "_ext_vnni", lambda: None)
+    q = resnet20_int.quantize_input(torch.randn(1, 3, 32, 32))
+    with pytest.raises(RuntimeError, match="backend='vnni'.*'auto', 'onednn'"):
+        resnet20_int.run_integer(q, backend="vnni")
 
 
 def test_backend_names_checked(resnet20_int):
     q = resnet20_int.quantize_input(torch.randn(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="'auto', 'torch', 'compiled', 'onednn'"):
+    with pytest.raises(ValueError, match="'auto', 'torch', 'compiled', 'onednn', 'vnni'"):
         resnet20_int.run_integer(q, backend="mkldnn")

@@ -49,8 +49,10 @@ from lowbit._io import atomic_write
 from lowbit.integer.exact import ExactAffine, exact_outputs
 from lowbit.integer.fixed_point import FixedPointAffine, signed_bits
 from lowbit.integer.ops import (
+    Conv2dKernel,
     OnednnConv2d,
     Requantizer,
+    ResidualEpilogue,
     check_backend,
     int_conv2d,
     int_linear,
@@ -305,13 +307,23 @@ class IntegerModel:
                         2^24 in oneDNN's int8 convolution (exact int32 sums carried in float32,
                         see :class:`~lowbit.integer.ops.OnednnConv2d`); RuntimeError where
                         oneDNN cannot be used exactly
-        ``"auto"``      the fastest of these that is available (all give the same integers)
+        ``"vnni"``      the same, with each convolution in lowbit's AVX-512 VNNI kernel, the
+                        requantization (and the residual add) in its register epilogue
+                        (:class:`~lowbit.integer.ops.Conv2dKernel`); RuntimeError where the
+                        CPU or the compiler lacks it
+        ``"auto"``      per layer and input shape, the fastest of the paths available there,
+                        timed once on the first call with that shape (a few runs of each;
+                        all give the same integers, which the timing run also checks)
 
         ``return_values`` runs node by node (``"onednn"`` and ``"compiled"`` then as ``"auto"``).
         """
         check_backend(backend)
         if q.is_floating_point():
             raise TypeError(f"q must be an integer tensor (see quantize_input), got {q.dtype}")
+        if backend == "vnni" and (_fused_extension() is None or _ext_vnni() is None):
+            raise RuntimeError("backend='vnni': lowbit's AVX-512 VNNI convolution is "
+                               "unavailable here (needs a CPU with avx512_vnni and a C++ "
+                               "compiler); use 'auto', 'onednn', 'compiled' or 'torch'")
         if backend == "onednn" and not onednn_available():
             raise RuntimeError("backend='onednn': oneDNN's exact int8 convolution is "
                                "unavailable here (needs torch.ops.onednn and a CPU with VNNI or "
@@ -320,7 +332,7 @@ class IntegerModel:
             raise RuntimeError(f"backend={backend!r}: the compiled channels-last kernels are "
                                "unavailable (LOWBIT_NO_EXT set, or no compiler); use 'auto' or "
                                "'torch'")
-        node_backend = "auto" if backend in ("compiled", "onednn") else backend
+        node_backend = "auto" if backend in ("compiled", "onednn", "vnni") else backend
         env: dict[str, Tensor] = {self.nodes[0].output: q}
         keep: dict[str, Tensor] = {}
         if return_values or backend == "torch" or _fused_extension() is None:
@@ -924,7 +936,10 @@ class _FastConv:
             input_range=code_range, stride=tuple(a["stride"]), padding=tuple(a["padding"]),
             dilation=tuple(a["dilation"]))
         self.no_offset = torch.zeros(w.shape[0], dtype=torch.int64)  # oneDNN subtracts z
+        self.vnni_dtype = in_dtype
+        self.vnni = _vnni_kernel(n, in_dtype, n.requant.requantizer)
         self.last_path: str | None = None
+        self.chosen: dict[tuple, str] = {}  # "auto": the fastest path per input shape
 
     def accumulate(self, x: Tensor, backend: str = "auto"
                    ) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
@@ -948,6 +963,13 @@ class _FastConv:
         return torch._int_mm(cols, self.wt), self.zs, (n, oh, ow)
 
     def run(self, x: Tensor, backend: str) -> Tensor:
+        path = _choose_path(self, (x,), backend)
+        self.last_path = path
+        if path == "vnni":
+            return self.vnni(x)
+        return self._run_accumulated(x, "onednn" if path == "onednn" else "compiled")
+
+    def _run_accumulated(self, x: Tensor, backend: str) -> Tensor:
         acc, zs, (n, oh, ow) = self.accumulate(x, backend)
         r = self.node.requant.requantizer
         if r.dtype in _OUT_KINDS:
@@ -980,8 +1002,25 @@ class _ResidualGroup:
     def inputs(self) -> list[str]:
         return [self.conv.node.inputs[0], self.shortcut.inputs[0]]
 
+    vnni: Conv2dKernel | None = None
+    chosen: dict[tuple, str] = field(default_factory=dict)
+    last_path: str | None = None
+
+    def __post_init__(self) -> None:
+        c = self.conv
+        self.onednn = c.onednn
+        self.vnni = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer,
+                                 ResidualEpilogue(self.gain, self.lut, *self.clamp))
+
     def run(self, env: dict[str, Tensor], backend: str) -> Tensor:
         x, s = env[self.conv.node.inputs[0]], env[self.shortcut.inputs[0]]
+        path = _choose_path(self, (x, s), backend)
+        self.last_path = self.conv.last_path = path
+        if path == "vnni":
+            return self.vnni(x, s)
+        return self._run_accumulated(x, s, "onednn" if path == "onednn" else "compiled")
+
+    def _run_accumulated(self, x: Tensor, s: Tensor, backend: str) -> Tensor:
         acc, zs, (n, oh, ow) = self.conv.accumulate(x, backend)
         sc = s.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
         r = self.final.requant.requantizer
@@ -993,6 +1032,73 @@ class _ResidualGroup:
 
 
 _OUT_KINDS = {torch.int8: 0, torch.uint8: 1, torch.int32: 2}
+
+
+def _ext_vnni() -> Any:
+    from lowbit.integer import _ext
+
+    return _ext.vnni()
+
+
+def _vnni_kernel(n: Node, in_dtype: torch.dtype, requantizer: Requantizer,
+                 residual: ResidualEpilogue | None = None) -> Conv2dKernel | None:
+    """The layer in lowbit's VNNI kernel (requantization in its epilogue), or None where the
+    kernel is unavailable or the layer is outside its limits."""
+    if _ext_vnni() is None:
+        return None
+    a = n.attrs
+    k = Conv2dKernel(n.weight, requantizer, input_zero_point=a["input_zero_point"],
+                     input_dtype=in_dtype, stride=tuple(a["stride"]),
+                     padding=tuple(a["padding"]), dilation=tuple(a["dilation"]),
+                     residual=residual)
+    return k if k.compiled else None
+
+
+def _paths(layer: Any) -> list[str]:
+    """The paths a fused layer can take here, preferred first."""
+    return [p for p, ok in (("vnni", layer.vnni is not None),
+                            ("onednn", layer.onednn is not None), ("int_mm", True)) if ok]
+
+
+_TUNE_RUNS = 3
+
+
+def _choose_path(layer: Any, args: tuple[Tensor, ...], backend: str) -> str:
+    """The path of ``layer`` (a :class:`_FastConv` or :class:`_ResidualGroup`) for ``backend``:
+    forced by ``"vnni"``/``"onednn"`` where the layer has it (else ``_int_mm``), ``_int_mm`` for
+    ``"compiled"``; for ``"auto"`` the fastest, timed once per input shape and thread count
+    (the best of a few runs each), every path's output checked equal on the way."""
+    avail = _paths(layer)
+    if backend in ("vnni", "onednn"):
+        return backend if backend in avail else "int_mm"
+    if backend != "auto" or len(avail) == 1:
+        return "int_mm" if backend != "auto" else avail[0]
+    key = (*(tuple(a.shape) for a in args), *(a.dtype for a in args), torch.get_num_threads())
+    path = layer.chosen.get(key)
+    if path is None:
+        import time
+
+        best, first = None, None
+        for p in avail:
+            run = ((lambda p=p: layer.vnni(*args)) if p == "vnni" else
+                   (lambda p=p: layer._run_accumulated(
+                       *args, "onednn" if p == "onednn" else "compiled")))
+            y = run()  # warm-up (oneDNN packs its weights for this shape)
+            if first is None:
+                first = y
+            elif not torch.equal(y, first):
+                raise RuntimeError(f"lowbit.integer: paths {avail[0]!r} and {p!r} disagree on "
+                                   f"layer {layer.node.name if hasattr(layer, 'node') else layer.final.name}"
+                                   "; please report this")
+            t = float("inf")
+            for _ in range(_TUNE_RUNS):
+                t0 = time.perf_counter()
+                run()
+                t = min(t, time.perf_counter() - t0)
+            if best is None or t < best[0]:
+                best = (t, p)
+        path = layer.chosen[key] = best[1]
+    return path
 
 
 def _fast_conv(n: Node, dtypes: dict[str, torch.dtype],

@@ -43,7 +43,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "torch", "compiled", "onednn")
+BACKENDS = ("auto", "torch", "compiled", "onednn", "vnni")
 
 
 def check_backend(backend: str) -> str:
@@ -57,7 +57,7 @@ def _use_ext(backend: str) -> bool:
     if check_backend(backend) == "torch":
         return False
     if _ext.extension() is None:
-        if backend in ("compiled", "onednn"):
+        if backend in ("compiled", "onednn", "vnni"):
             raise RuntimeError(f"backend={backend!r}: the compiled integer kernels are "
                                "unavailable")
         return False

@@ -11,6 +11,12 @@
 //   v = x * M[o] + C[o];  q = v >> k[o];  q -= (v & (2^k - 1)) < w[o] and q odd
 //   y = clamp(q + zp, qmin, qmax)
 //
+// Where every multiplier (and residual gain) fits in int32 and the residual clamp keeps x in
+// int32 (the "narrow" epilogue, chosen per layer), the products are 32 x 32 -> 64-bit
+// (vpmuldq, one uop, instead of the three of vpmullq) on the even and the odd int32 lanes of
+// the tile in place, with the constants laid out even/odd to match; no widening, and the two
+// halves are merged back to int32 lanes after the clamp. Same integers, about half the uops.
+//
 // Layout: the input is copied once into a padded NHWC uint8 buffer (padding holds the zero
 // point; channels padded to a multiple of 4, with zero weights), so the inner loop has no
 // bounds checks; output NHWC [N*OH*OW, O]. The VNNI code is compiled for that target only
@@ -44,7 +50,97 @@ struct Epilogue {
   int out_kind;         // 0 int8, 1 uint8, 2 int32
   void* out;
   int64_t O;
+  bool narrow;          // multipliers, gains and residual clamps fit in int32
 };
+
+// The narrow epilogue: products on the even / odd int32 lanes (vpmuldq), constants even/odd.
+template <int OUTK, bool RES>
+LOWBIT_VNNI static void epilogue_block_narrow(const Epilogue& e, const int32_t* __restrict acc,
+                                              int64_t ld, int64_t np, int64_t r0, int64_t o) {
+  const int64_t* p = e.p;
+  const int64_t OP = e.OP, O = e.O;
+  const __m512i ie = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i io = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
+#define LOWBIT_EO(NAME, PTR)                                                  \
+  __m512i NAME##e, NAME##o;                                                   \
+  {                                                                           \
+    const __m512i lo8 = _mm512_loadu_si512(PTR), hi8 = _mm512_loadu_si512((PTR) + 8); \
+    NAME##e = _mm512_permutex2var_epi64(lo8, ie, hi8);                        \
+    NAME##o = _mm512_permutex2var_epi64(lo8, io, hi8);                        \
+  }
+  LOWBIT_EO(mul, p + MUL * OP + o)
+  LOWBIT_EO(off, p + OFF * OP + o)
+  LOWBIT_EO(sh, p + SHIFT * OP + o)
+  LOWBIT_EO(msk, p + MASK * OP + o)
+  LOWBIT_EO(win, p + WIN * OP + o)
+  __m512i gaine = mule, gaino = mulo, cloe = mule, cloo = mulo, chie = mule, chio = mulo;
+  if (RES) {
+    LOWBIT_EO(g_, p + GAIN * OP + o)
+    LOWBIT_EO(cl_, e.clo + o)
+    LOWBIT_EO(ch_, e.chi + o)
+    gaine = g_e; gaino = g_o; cloe = cl_e; cloo = cl_o; chie = ch_e; chio = ch_o;
+  }
+#undef LOWBIT_EO
+  // clamp q to [qmin - zp, qmax - zp] in int64, then add zp in int32 after the merge
+  const __m512i lo = _mm512_set1_epi64(e.qmin - e.zp), hi = _mm512_set1_epi64(e.qmax - e.zp),
+                zp = _mm512_set1_epi32(static_cast<int32_t>(e.zp)), one = _mm512_set1_epi64(1);
+  const bool ties = e.ties[o / 16] != 0;
+  const uint8_t* sc = e.sc + r0 * e.O + o;
+  const int32_t* lut = e.lut;
+  const __m128i flip = _mm_set1_epi8(e.sc_signed ? static_cast<char>(0x80) : 0);
+  const __m512i rows = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(o)),
+                       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
+      8);
+  const int64_t left = O - o;
+  const bool full = left >= 16;
+  const __mmask16 valid = full ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+  using Out = typename std::conditional<OUTK == 2, int32_t,
+                                        typename std::conditional<OUTK == 1, uint8_t,
+                                                                  int8_t>::type>::type;
+  Out* __restrict out = static_cast<Out*>(e.out) + r0 * O + o;
+  for (int64_t q = 0; q < np; ++q) {
+    __m512i a = _mm512_loadu_si512(acc + q * ld);  // int32: channel 2j low, 2j + 1 high of lane j
+    __m512i xe = a, xo = _mm512_srli_epi64(a, 32);  // vpmuldq reads the low dword, signed
+    if (RES) {  // x = clamp(g * x + lut[o][s]): 64-bit, then back in the low dwords (fits)
+      const __m128i sb = _mm_xor_si128(
+          full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + q * O))
+               : _mm_maskz_loadu_epi8(valid, sc + q * O), flip);
+      const __m512i tv = _mm512_mask_i32gather_epi32(
+          _mm512_setzero_si512(), valid, _mm512_add_epi32(_mm512_cvtepu8_epi32(sb), rows),
+          lut, 4);
+      __m512i ye = _mm512_add_epi64(_mm512_mul_epi32(gaine, xe),
+                                    _mm512_srai_epi64(_mm512_slli_epi64(tv, 32), 32));
+      __m512i yo = _mm512_add_epi64(_mm512_mul_epi32(gaino, xo), _mm512_srai_epi64(tv, 32));
+      xe = _mm512_max_epi64(_mm512_min_epi64(ye, chie), cloe);
+      xo = _mm512_max_epi64(_mm512_min_epi64(yo, chio), cloo);
+    }
+    const __m512i ve = _mm512_add_epi64(_mm512_mul_epi32(xe, mule), offe);
+    const __m512i vo = _mm512_add_epi64(_mm512_mul_epi32(xo, mulo), offo);
+    __m512i qe = _mm512_srav_epi64(ve, she), qo = _mm512_srav_epi64(vo, sho);
+    if (ties) {  // exact ties of odd quotients round down to the even neighbour
+      const __mmask8 te = _mm512_cmplt_epi64_mask(_mm512_and_si512(ve, mske), wine) &
+                          _mm512_test_epi64_mask(qe, one);
+      const __mmask8 to = _mm512_cmplt_epi64_mask(_mm512_and_si512(vo, msko), wino) &
+                          _mm512_test_epi64_mask(qo, one);
+      qe = _mm512_mask_sub_epi64(qe, te, qe, one);
+      qo = _mm512_mask_sub_epi64(qo, to, qo, one);
+    }
+    qe = _mm512_max_epi64(_mm512_min_epi64(qe, hi), lo);
+    qo = _mm512_max_epi64(_mm512_min_epi64(qo, hi), lo);
+    const __m512i y = _mm512_add_epi32(
+        _mm512_mask_blend_epi32(0xAAAA, qe, _mm512_slli_epi64(qo, 32)), zp);
+    Out* dst = out + q * O;
+    if (OUTK == 2) {
+      if (full) _mm512_storeu_si512(dst, y);
+      else _mm512_mask_storeu_epi32(dst, valid, y);
+    } else {
+      const __m128i b = _mm512_cvtepi32_epi8(y);
+      if (full) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
+      else _mm_mask_storeu_epi8(dst, valid, b);
+    }
+  }
+}
 
 // One 16-channel block [o, o + 16) of np pixels from r0: the rule on int64 lanes, parameters
 // held in registers across the pixels. acc: the int32 tile minus zs ([np][ld]).
@@ -185,7 +281,11 @@ LOWBIT_VNNI static void tile(const Geometry& g, const Epilogue& e, int64_t r0, i
   for (int b = 0; b < NB; ++b) {
     const int64_t o = (b0 + b) * 16;
     if (o >= e.O) break;
-#define LOWBIT_EPI(K, R) epilogue_block<K, R>(e, &buf[0][b * 16], NB * 16, np, r0, o)
+#define LOWBIT_EPI(K, R)                                                    \
+  do {                                                                      \
+    if (e.narrow) epilogue_block_narrow<K, R>(e, &buf[0][b * 16], NB * 16, np, r0, o); \
+    else epilogue_block<K, R>(e, &buf[0][b * 16], NB * 16, np, r0, o);    \
+  } while (0)
     if (e.out_kind == 0) { if (res) LOWBIT_EPI(0, true); else LOWBIT_EPI(0, false); }
     else if (e.out_kind == 1) { if (res) LOWBIT_EPI(1, true); else LOWBIT_EPI(1, false); }
     else { if (res) LOWBIT_EPI(2, true); else LOWBIT_EPI(2, false); }
@@ -323,8 +423,12 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
   }
   Geometry g{xp, wp.data_ptr<int8_t>(), zs.data(), N, H + 2 * PH,
              W + 2 * PW, C4, OH, OW, KH, KW, SH, SW, DH, DW, OB};
+  const auto fits32 = [](int64_t v) { return v >= -(int64_t(1) << 31) && v < (int64_t(1) << 31); };
+  bool narrow = fits32(zp) && fits32(qmin - zp) && fits32(qmax - zp);
+  for (int64_t o = 0; o < OP; ++o)
+    narrow = narrow && fits32(pr[MUL * OP + o]) && (!has_res || fits32(pr[GAIN * OP + o]));
   Epilogue e{pr, nullptr, nullptr, nullptr, nullptr, false, ties.data(), OP,
-             zp, qmin, qmax, static_cast<int>(out_kind), out.data_ptr(), O};
+             zp, qmin, qmax, static_cast<int>(out_kind), out.data_ptr(), O, narrow};
   if (has_res) {
     TORCH_CHECK((sc.dtype() == torch::kUInt8 || sc.dtype() == torch::kInt8) &&
                 sc.is_contiguous() && sc.numel() == N * OH * OW * O,
@@ -338,6 +442,8 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
     e.lut = lut.data_ptr<int32_t>();
     e.clo = clamp.data_ptr<int64_t>();
     e.chi = e.clo + OP;
+    for (int64_t o = 0; o < OP && e.narrow; ++o)  // the clamped x must fit in int32 too
+      e.narrow = fits32(e.clo[o]) && fits32(e.chi[o]) && e.clo[o] <= e.chi[o];
   }
   const int64_t R = N * OH * OW;
   if (OB % 4 == 0) {
