@@ -124,6 +124,38 @@ def test_vnni_conv_matches_torch_path(case):
     assert torch.equal(got, ref)
 
 
+def _amx() -> bool:
+    return _vnni() and _ext.vnni().amx_supported()
+
+
+needs_amx = pytest.mark.skipif(not _amx(), reason="no AMX-INT8 (CPU or OS) on this machine")
+
+
+@needs_amx
+@settings(max_examples=60, deadline=None)
+@given(conv_cases(), st.sampled_from([16, 20, 33, 64]), st.integers(1, 20))
+def test_amx_conv_matches_torch_path(case, c, w_):
+    """The AMX-INT8 tiles (spans of taps read 64 bytes at a time against zero-padded weight
+    tiles; 1 to 16 pixels a tile) give the torch path's integers, every output."""
+    case = dict(case, c=c, w_=w_)
+    x, w, rq, z, *_ = _make(case)
+    geo = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
+    kern = Conv2dKernel(w, rq, input_zero_point=z, input_dtype=x.dtype, amx=True, **geo)
+    assert kern.compiled and kern.amx
+    ref = int_conv2d(x, w, rq, input_zero_point=z, backend="torch", **geo)
+    assert torch.equal(kern(x), ref)
+    assert torch.equal(int_conv2d(x, w, rq, input_zero_point=z, backend="amx", **geo), ref)
+
+
+@needs_amx
+def test_amx_needs_16_input_channels():
+    rng = np.random.default_rng(0)
+    w = torch.ones(16, 15, 3, 3, dtype=torch.int8)
+    kern = Conv2dKernel(w, _raw_requantizer(rng, 16, torch.uint8, acc_bits=22),
+                        input_zero_point=0, input_dtype=torch.uint8, amx=True)
+    assert kern.compiled and not kern.amx  # the VNNI loop runs it
+
+
 CERTIFIED = [  # n, c, o, h, w, k, stride, padding, dilation, xdt, z, outdt, zout
     (1, 3, 16, 8, 8, 3, 1, 1, 1, torch.uint8, 0, torch.uint8, 0),
     (2, 16, 32, 9, 7, 3, 2, 1, 1, torch.uint8, 3, torch.int8, -1),
@@ -257,12 +289,12 @@ def test_residual_epilogue_matches_its_definition(sdt, o, bits):
     terms = torch.stack([res.lut[j][s[:, j]] for j in range(o)], 1)
     v = torch.minimum(torch.maximum(res.gain * acc + terms, res.clamp_lo), res.clamp_hi)
     want = rq(v, dim=-1, backend="torch").reshape(n, h, h, o).permute(0, 3, 1, 2)
-    for backend in ["torch", "auto"]:
+    for backend, amx in [("torch", False), ("auto", False), ("auto", True)]:
         kern = Conv2dKernel(w, rq, input_zero_point=z, input_dtype=torch.uint8, padding=1,
-                            residual=res, backend=backend)
-        if backend == "auto" and not kern.compiled:
+                            residual=res, backend=backend, amx=amx)
+        if backend == "auto" and not kern.compiled or amx and not kern.amx:
             continue
-        assert torch.equal(kern(x, sc), want), backend
+        assert torch.equal(kern(x, sc), want), (backend, amx)
 
 
 def test_residual_lut_beyond_int32_uses_the_torch_path():

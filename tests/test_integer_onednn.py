@@ -166,7 +166,8 @@ def test_resnet20_onednn_bit_exact(resnet20_int):
     for bs in (1, 7):
         q = im.quantize_input(torch.randn(bs, 3, 32, 32))
         want = im.run_integer(q, backend="torch")
-        for backend in ("auto", "vnni" if _vnni() else "auto", "onednn", "compiled"):
+        for backend in ("auto", "vnni" if _vnni() else "auto", "amx" if _amx() else "auto",
+                        "onednn", "compiled"):
             assert torch.equal(im.run_integer(q, backend=backend), want), (bs, backend)
         assert set(_layer_paths(im)) == {"int_mm"}  # the last run was "compiled"
         im.run_integer(q, backend="onednn")
@@ -200,9 +201,25 @@ def test_resnet20_vnni_and_autotuned_paths(resnet20_int):
     assert torch.equal(im.run_integer(q, backend="auto"), want)
     assert all(len(g.chosen) == 1 for g in layers)  # one input shape each
     chosen = [next(iter(g.chosen.values())) for g in layers]
-    assert set(chosen) <= {"vnni", "onednn", "int_mm"}
+    assert set(chosen) <= {"amx", "vnni", "onednn", "int_mm"}
     assert _layer_paths(im) == chosen
     assert torch.equal(im.run_integer(q, backend="auto"), want)  # cached choice
+
+
+def _amx() -> bool:
+    from lowbit.integer import _ext
+
+    return _vnni() and _ext.vnni().amx_supported()
+
+
+@pytest.mark.skipif(not _amx(), reason="no AMX-INT8 on this machine")
+def test_resnet20_amx(resnet20_int):
+    """backend="amx": every layer with 16 input channels or more on AMX tiles (the first
+    convolution, 3 channels, on the VNNI loop), same integers."""
+    im = resnet20_int
+    q = im.quantize_input(torch.randn(3, 3, 32, 32))
+    assert torch.equal(im.run_integer(q, backend="amx"), im.run_integer(q, backend="torch"))
+    assert _layer_paths(im) == ["vnni"] + ["amx"] * 18
 
 
 def test_autotuning_checks_the_paths_agree(resnet20_int, monkeypatch):

@@ -158,7 +158,8 @@ def extension() -> ModuleType | None:
     return _state["mod"]
 
 
-_VNNI_FUNCTIONS = ["vnni_supported", "pack_conv_weight", "conv2d_requant"]
+_VNNI_FUNCTIONS = ["vnni_supported", "amx_supported", "pack_conv_weight",
+                   "pack_conv_weight_amx", "conv2d_requant"]
 
 
 def vnni() -> ModuleType | None:
@@ -176,7 +177,7 @@ def vnni() -> ModuleType | None:
 
             src = (Path(__file__).parent / "csrc" / "conv_vnni.cpp").read_text()
             mod = load_inline(
-                name="lowbit_integer_vnni_v2", cpp_sources=[src],
+                name="lowbit_integer_vnni_v3", cpp_sources=[src],
                 functions=_VNNI_FUNCTIONS,
                 extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
                 verbose=False)

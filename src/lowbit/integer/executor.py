@@ -311,6 +311,9 @@ class IntegerModel:
                         requantization (and the residual add) in its register epilogue
                         (:class:`~lowbit.integer.ops.Conv2dKernel`); RuntimeError where the
                         CPU or the compiler lacks it
+        ``"amx"``       the same kernel with its products on AMX-INT8 tiles (layers with 16
+                        input channels or more; the others as ``"vnni"``); RuntimeError where
+                        the CPU or the OS does not allow AMX
         ``"auto"``      per layer and input shape, the fastest of the paths available there,
                         timed once on the first call with that shape (a few runs of each;
                         all give the same integers, which the timing run also checks)
@@ -324,6 +327,12 @@ class IntegerModel:
             raise RuntimeError("backend='vnni': lowbit's AVX-512 VNNI convolution is "
                                "unavailable here (needs a CPU with avx512_vnni and a C++ "
                                "compiler); use 'auto', 'onednn', 'compiled' or 'torch'")
+        if backend == "amx" and (_fused_extension() is None or _ext_vnni() is None
+                                 or not _ext_vnni().amx_supported()):
+            raise RuntimeError("backend='amx': lowbit's AMX-INT8 convolution is unavailable "
+                               "here (needs a CPU with amx_int8, an OS that grants the tile "
+                               "state, and a C++ compiler); use 'auto', 'vnni', 'onednn', "
+                               "'compiled' or 'torch'")
         if backend == "onednn" and not onednn_available():
             raise RuntimeError("backend='onednn': oneDNN's exact int8 convolution is "
                                "unavailable here (needs torch.ops.onednn and a CPU with VNNI or "
@@ -332,7 +341,7 @@ class IntegerModel:
             raise RuntimeError(f"backend={backend!r}: the compiled channels-last kernels are "
                                "unavailable (LOWBIT_NO_EXT set, or no compiler); use 'auto' or "
                                "'torch'")
-        node_backend = "auto" if backend in ("compiled", "onednn", "vnni") else backend
+        node_backend = "auto" if backend in ("compiled", "onednn", "vnni", "amx") else backend
         env: dict[str, Tensor] = {self.nodes[0].output: q}
         keep: dict[str, Tensor] = {}
         if return_values or backend == "torch" or _fused_extension() is None:
@@ -938,6 +947,7 @@ class _FastConv:
         self.no_offset = torch.zeros(w.shape[0], dtype=torch.int64)  # oneDNN subtracts z
         self.vnni_dtype = in_dtype
         self.vnni = _vnni_kernel(n, in_dtype, n.requant.requantizer)
+        self.amx = _vnni_kernel(n, in_dtype, n.requant.requantizer, amx=True)
         self.last_path: str | None = None
         self.chosen: dict[tuple, str] = {}  # "auto": the fastest path per input shape
 
@@ -965,8 +975,8 @@ class _FastConv:
     def run(self, x: Tensor, backend: str) -> Tensor:
         path = _choose_path(self, (x,), backend)
         self.last_path = path
-        if path == "vnni":
-            return self.vnni(x)
+        if path in ("vnni", "amx"):
+            return getattr(self, path)(x)
         return self._run_accumulated(x, "onednn" if path == "onednn" else "compiled")
 
     def _run_accumulated(self, x: Tensor, backend: str) -> Tensor:
@@ -1003,21 +1013,24 @@ class _ResidualGroup:
         return [self.conv.node.inputs[0], self.shortcut.inputs[0]]
 
     vnni: Conv2dKernel | None = None
+    amx: Conv2dKernel | None = None
     chosen: dict[tuple, str] = field(default_factory=dict)
     last_path: str | None = None
 
     def __post_init__(self) -> None:
         c = self.conv
         self.onednn = c.onednn
-        self.vnni = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer,
-                                 ResidualEpilogue(self.gain, self.lut, *self.clamp))
+        res = ResidualEpilogue(self.gain, self.lut, *self.clamp)
+        self.vnni = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer, res)
+        self.amx = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer, res,
+                                amx=True)
 
     def run(self, env: dict[str, Tensor], backend: str) -> Tensor:
         x, s = env[self.conv.node.inputs[0]], env[self.shortcut.inputs[0]]
         path = _choose_path(self, (x, s), backend)
         self.last_path = self.conv.last_path = path
-        if path == "vnni":
-            return self.vnni(x, s)
+        if path in ("vnni", "amx"):
+            return getattr(self, path)(x, s)
         return self._run_accumulated(x, s, "onednn" if path == "onednn" else "compiled")
 
     def _run_accumulated(self, x: Tensor, s: Tensor, backend: str) -> Tensor:
@@ -1041,22 +1054,24 @@ def _ext_vnni() -> Any:
 
 
 def _vnni_kernel(n: Node, in_dtype: torch.dtype, requantizer: Requantizer,
-                 residual: ResidualEpilogue | None = None) -> Conv2dKernel | None:
-    """The layer in lowbit's VNNI kernel (requantization in its epilogue), or None where the
-    kernel is unavailable or the layer is outside its limits."""
+                 residual: ResidualEpilogue | None = None, amx: bool = False
+                 ) -> Conv2dKernel | None:
+    """The layer in lowbit's VNNI kernel (requantization in its epilogue; with ``amx`` its
+    AMX-INT8 variant), or None where that kernel is unavailable or the layer is outside its
+    limits."""
     if _ext_vnni() is None:
         return None
     a = n.attrs
     k = Conv2dKernel(n.weight, requantizer, input_zero_point=a["input_zero_point"],
                      input_dtype=in_dtype, stride=tuple(a["stride"]),
                      padding=tuple(a["padding"]), dilation=tuple(a["dilation"]),
-                     residual=residual)
-    return k if k.compiled else None
+                     residual=residual, amx=amx)
+    return k if k.compiled and (k.amx or not amx) else None
 
 
 def _paths(layer: Any) -> list[str]:
     """The paths a fused layer can take here, preferred first."""
-    return [p for p, ok in (("vnni", layer.vnni is not None),
+    return [p for p, ok in (("amx", layer.amx is not None), ("vnni", layer.vnni is not None),
                             ("onednn", layer.onednn is not None), ("int_mm", True)) if ok]
 
 
@@ -1065,11 +1080,14 @@ _TUNE_RUNS = 3
 
 def _choose_path(layer: Any, args: tuple[Tensor, ...], backend: str) -> str:
     """The path of ``layer`` (a :class:`_FastConv` or :class:`_ResidualGroup`) for ``backend``:
-    forced by ``"vnni"``/``"onednn"`` where the layer has it (else ``_int_mm``), ``_int_mm`` for
-    ``"compiled"``; for ``"auto"`` the fastest, timed once per input shape and thread count
-    (the best of a few runs each), every path's output checked equal on the way."""
+    forced by ``"amx"``/``"vnni"``/``"onednn"`` where the layer has it (``"amx"`` falls back to
+    ``"vnni"``, the others to ``_int_mm``), ``_int_mm`` for ``"compiled"``; for ``"auto"`` the
+    fastest, timed once per input shape and thread count (the best of a few runs each), every
+    path's output checked equal on the way."""
     avail = _paths(layer)
-    if backend in ("vnni", "onednn"):
+    if backend == "amx" and "amx" not in avail:
+        backend = "vnni"
+    if backend in ("amx", "vnni", "onednn"):
         return backend if backend in avail else "int_mm"
     if backend != "auto" or len(avail) == 1:
         return "int_mm" if backend != "auto" else avail[0]
@@ -1080,7 +1098,7 @@ def _choose_path(layer: Any, args: tuple[Tensor, ...], backend: str) -> str:
 
         best, first = None, None
         for p in avail:
-            run = ((lambda p=p: layer.vnni(*args)) if p == "vnni" else
+            run = ((lambda p=p: getattr(layer, p)(*args)) if p in ("vnni", "amx") else
                    (lambda p=p: layer._run_accumulated(
                        *args, "onednn" if p == "onednn" else "compiled")))
             y = run()  # warm-up (oneDNN packs its weights for this shape)

@@ -43,7 +43,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "torch", "compiled", "onednn", "vnni")
+BACKENDS = ("auto", "torch", "compiled", "onednn", "vnni", "amx")
 
 
 def check_backend(backend: str) -> str:
@@ -57,7 +57,7 @@ def _use_ext(backend: str) -> bool:
     if check_backend(backend) == "torch":
         return False
     if _ext.extension() is None:
-        if backend in ("compiled", "onednn", "vnni"):
+        if backend in ("compiled", "onednn", "vnni", "amx"):
             raise RuntimeError(f"backend={backend!r}: the compiled integer kernels are "
                                "unavailable")
         return False
@@ -285,7 +285,7 @@ def int_conv2d(x: Tensor, weight: Tensor, requant: Requantizer, *, input_zero_po
     if _use_ext(backend) and groups == 1 and x.dtype in (torch.int8, torch.uint8):
         k = Conv2dKernel(weight, requant, input_zero_point=int(input_zero_point),
                          input_dtype=x.dtype, stride=(sh, sw), padding=(ph, pw),
-                         dilation=(dh, dw))
+                         dilation=(dh, dw), amx=backend == "amx")
         if k.compiled:
             return k(x)
     if _use_ext(backend):  # channel-major: acc^T = W · cols^T, then one layout change
@@ -338,6 +338,13 @@ class ResidualEpilogue:
 _OUT_KINDS = {torch.int8: 0, torch.uint8: 1, torch.int32: 2}
 
 
+def _amx_rows(ow: int) -> int:
+    """Pixels per AMX tile for output rows of ``ow``: the largest divisor of ``ow`` up to 16,
+    or 0 (use the VNNI loop) where that leaves fewer than 8 of a longer row."""
+    m = max(d for d in range(1, min(16, ow) + 1) if ow % d == 0)
+    return m if m >= 8 or m == ow else 0
+
+
 class Conv2dKernel:
     """One integer conv2d layer prepared once (weights packed, per-channel constants laid out).
 
@@ -348,12 +355,18 @@ class Conv2dKernel:
     requantization rule in int64 on those registers, 8-bit or int32 stores); otherwise (no
     VNNI, no compiler, ``LOWBIT_NO_EXT=1``, a layer outside its limits, ``backend="torch"``)
     the pure-torch im2col + ``torch._int_mm`` path gives the same integers.
+
+    ``amx=True`` runs the products on AMX-INT8 tiles instead (``TDPBUSD``: 16 pixels of one
+    output row by 16 channels per tile, the same exact int32 sums, the same epilogue) where
+    the CPU and the OS allow it and the layer has at least 16 input channels; :attr:`amx`
+    tells whether it will (a call whose output rows cannot be cut into tiles of 8 to 16
+    pixels uses the VNNI loop).
     """
 
     def __init__(self, weight: Tensor, requant: Requantizer, *, input_zero_point: int,
                  input_dtype: torch.dtype, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, residual: ResidualEpilogue | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", amx: bool = False) -> None:
         _check_weight(weight)
         if weight.dim() != 4:
             raise ValueError(f"weight must be [O, C, KH, KW], got {tuple(weight.shape)}")
@@ -373,6 +386,7 @@ class Conv2dKernel:
         flip = 128 if input_dtype == torch.int8 else 0
         self.zu8 = self.z + flip  # the zero point of the uint8 view (int8 values + 128)
         self.row_sums = weight.reshape(o, -1).to(torch.int64).sum(1)
+        self._want_amx, self.amx = bool(amx), False
         if residual is not None:
             for name in ("gain", "clamp_lo", "clamp_hi"):
                 t = getattr(residual, name)
@@ -422,6 +436,11 @@ class Conv2dKernel:
             self._lut = self._clamp = torch.empty(0, dtype=torch.int64)
         self._packed = mod.pack_conv_weight(self.weight.contiguous())
         self._out_kind = _OUT_KINDS[r.dtype]
+        c4 = (c + 3) // 4 * 4
+        self.amx = bool(self._want_amx and c >= 16 and mod.amx_supported())
+        self._packed_amx = (mod.pack_conv_weight_amx(self.weight.contiguous(), c4,
+                                                     self.dilation[1])
+                            if self.amx else torch.empty(0, dtype=torch.int8))
         return mod
 
     def _output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -451,10 +470,12 @@ class Conv2dKernel:
             (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
             kh, kw = self.weight.shape[2:]
             r = self.requant
+            rows = _amx_rows(ow) if self.amx else 0
             y = self._mod.conv2d_requant(
                 x, self._packed, o, kh, kw, sh, sw, ph, pw, dh, dw, self.zu8, self._params,
                 r.zero_point, r.qmin, r.qmax, self._out_kind, sc is not None,
-                sc if sc is not None else self._lut, self._lut, self._clamp)
+                sc if sc is not None else self._lut, self._lut, self._clamp,
+                self._packed_amx if rows else self._packed_amx[:0], rows)
         else:
             y = self._torch(x, sc, oh, ow)
         return y.permute(0, 3, 1, 2)  # NCHW view of NHWC memory

@@ -25,6 +25,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -305,7 +308,130 @@ LOWBIT_VNNI static void run_tiles(const Geometry& g, const Epilogue& e, int64_t 
   });
 }
 
+// ------------------------------------------------------------------------------- AMX-INT8
+// The same convolution on AMX tiles. For kernel row i and an output tile of M pixels (M <= 16,
+// consecutive in one output row), the input bytes of taps j = 0..KW-1 form one contiguous span
+// of ((KW-1)*DW + 1)*C4 bytes per pixel (the padded NHWC row); the span is read in chunks of
+// 64 bytes (one A tile row: pixel p's chunk starts SW*C4 bytes after pixel p-1's), and the
+// weight tile of each chunk holds w[o][c][i][j] at the byte of (tap j, channel c) and zero
+// everywhere else (channels beyond C, the gaps of a dilation, the bytes past the span), so
+// TDPBUSD sums exactly the convolution's products, in int32 (no saturation, as vpdpbusd).
+// Tiles: 0..3 accumulators (one per 16-channel block), 4 the pixels, 5/6 the weights. The
+// accumulators start at -zs; the epilogue is the one above, on the tile stored to a buffer.
+#define LOWBIT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl")))
+
+struct TileConfig {
+  uint8_t palette, start;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+struct AmxGeometry {
+  const uint8_t* xp;  // padded NHWC input [N, HP, WP, C4] (64 bytes of slack at the end)
+  const int8_t* wa;   // [KH][NCH][OB][16][64]
+  const int32_t* zt;  // [OB][16][16]: -zs, one row per pixel
+  int64_t N, HP, WP, C4, OH, OW, KH, SH, SW, DH, OB, NCH, M;
+};
+
+template <int NB>
+LOWBIT_AMX static void amx_tiles(const AmxGeometry& g, const Epilogue& e, int64_t b0,
+                                 int64_t t0, int64_t t1) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int b = 0; b < 4; ++b) { cfg.rows[b] = static_cast<uint8_t>(g.M); cfg.colsb[b] = 64; }
+  cfg.rows[4] = static_cast<uint8_t>(g.M); cfg.colsb[4] = 64;
+  cfg.rows[5] = cfg.rows[6] = 16; cfg.colsb[5] = cfg.colsb[6] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) int32_t buf[16 * 16];
+  const int64_t tiles_w = g.OW / g.M;
+  const int64_t pstride = g.SW * g.C4;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t tw = t % tiles_w, rest = t / tiles_w, oh = rest % g.OH, n = rest / g.OH;
+    const int64_t ow0 = tw * g.M;
+    const int64_t r0 = (n * g.OH + oh) * g.OW + ow0;
+    const uint8_t* px = g.xp + ((n * g.HP + oh * g.SH) * g.WP + ow0 * g.SW) * g.C4;
+#define LOWBIT_INIT(B) if (NB > B) _tile_loadd(B, g.zt + (b0 + B) * 256, 64);
+    LOWBIT_INIT(0) LOWBIT_INIT(1) LOWBIT_INIT(2) LOWBIT_INIT(3)
+#undef LOWBIT_INIT
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const uint8_t* row = px + i * g.DH * g.WP * g.C4;
+      const int8_t* w = g.wa + (i * g.NCH * g.OB + b0) * 1024;
+      for (int64_t c = 0; c < g.NCH; ++c, w += g.OB * 1024) {
+        _tile_loadd(4, row + c * 64, pstride);
+#define LOWBIT_DOT(B, T)                   \
+        if (NB > B) {                      \
+          _tile_loadd(T, w + B * 1024, 64); \
+          _tile_dpbusd(B, 4, T);           \
+        }
+        LOWBIT_DOT(0, 5) LOWBIT_DOT(1, 6) LOWBIT_DOT(2, 5) LOWBIT_DOT(3, 6)
+#undef LOWBIT_DOT
+      }
+    }
+    const bool res = e.lut != nullptr;
+#define LOWBIT_OUT(B)                                                                   \
+    if (NB > B && (b0 + B) * 16 < e.O) {                                                \
+      _tile_stored(B, buf, 64);                                                         \
+      const int64_t o = (b0 + B) * 16;                                                  \
+      if (e.narrow) {                                                                   \
+        if (e.out_kind == 0) { if (res) epilogue_block_narrow<0, true>(e, buf, 16, g.M, r0, o); \
+                               else epilogue_block_narrow<0, false>(e, buf, 16, g.M, r0, o); } \
+        else if (e.out_kind == 1) { if (res) epilogue_block_narrow<1, true>(e, buf, 16, g.M, r0, o); \
+                                    else epilogue_block_narrow<1, false>(e, buf, 16, g.M, r0, o); } \
+        else { if (res) epilogue_block_narrow<2, true>(e, buf, 16, g.M, r0, o);          \
+               else epilogue_block_narrow<2, false>(e, buf, 16, g.M, r0, o); }            \
+      } else {                                                                          \
+        if (e.out_kind == 0) { if (res) epilogue_block<0, true>(e, buf, 16, g.M, r0, o);   \
+                               else epilogue_block<0, false>(e, buf, 16, g.M, r0, o); }    \
+        else if (e.out_kind == 1) { if (res) epilogue_block<1, true>(e, buf, 16, g.M, r0, o); \
+                                    else epilogue_block<1, false>(e, buf, 16, g.M, r0, o); } \
+        else { if (res) epilogue_block<2, true>(e, buf, 16, g.M, r0, o);                   \
+               else epilogue_block<2, false>(e, buf, 16, g.M, r0, o); }                    \
+      }                                                                                 \
+    }
+    LOWBIT_OUT(0) LOWBIT_OUT(1) LOWBIT_OUT(2) LOWBIT_OUT(3)
+#undef LOWBIT_OUT
+  }
+  _tile_release();
+}
+
 }  // namespace
+
+// AMX-INT8 on this CPU, with the kernel's permission to use the tile data (asked once)
+bool amx_supported() {
+  static int state = -1;
+  if (state < 0) {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    bool cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 24)) && (d & (1u << 25));
+    // ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18)
+    state = cpu && syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : 0;
+  }
+  return state == 1;
+}
+
+// w [O, C, KH, KW] int8 -> the AMX weight tiles [KH][NCH][OB][16 rows][64 bytes] for a padded
+// channel count C4 and dilation DW (see above); NCH = ceil(((KW-1)*DW + 1)*C4 / 64)
+torch::Tensor pack_conv_weight_amx(torch::Tensor w, int64_t C4, int64_t DW) {
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 4, "w must be int8 [O, C, KH, KW]");
+  auto wc = w.contiguous();
+  const int64_t O = wc.size(0), C = wc.size(1), KH = wc.size(2), KW = wc.size(3);
+  TORCH_CHECK(C4 >= C && C4 % 4 == 0, "C4 must be a multiple of 4 of at least C");
+  const int64_t span = ((KW - 1) * DW + 1) * C4, NCH = (span + 63) / 64, OB = (O + 15) / 16;
+  auto out = torch::zeros({KH * NCH * OB * 1024}, wc.options());
+  const int8_t* src = wc.data_ptr<int8_t>();
+  int8_t* dst = out.data_ptr<int8_t>();
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i = 0; i < KH; ++i)
+        for (int64_t j = 0; j < KW; ++j) {
+          const int64_t t = j * DW * C4 + c;  // byte of the span
+          const int64_t ch = t / 64, k = t % 64;
+          const int64_t at = ((i * NCH + ch) * OB + o / 16) * 1024 + (k / 4) * 64 +
+                             (o % 16) * 4 + k % 4;
+          dst[at] = src[((o * C + c) * KH + i) * KW + j];
+        }
+  return out;
+}
 
 bool vnni_supported() {
   __builtin_cpu_init();
@@ -395,7 +521,7 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
                              int64_t DH, int64_t DW, int64_t zu8, torch::Tensor params,
                              int64_t zp, int64_t qmin, int64_t qmax, int64_t out_kind,
                              bool has_res, torch::Tensor sc, torch::Tensor lut,
-                             torch::Tensor clamp) {
+                             torch::Tensor clamp, torch::Tensor wa, int64_t amx_rows) {
   TORCH_CHECK(vnni_supported(), "this CPU lacks AVX-512 VNNI");
   TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 4,
               "x must be an int8/uint8 [N, C, H, W] tensor");
@@ -446,6 +572,30 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
       e.narrow = fits32(e.clo[o]) && fits32(e.chi[o]) && e.clo[o] <= e.chi[o];
   }
   const int64_t R = N * OH * OW;
+  if (wa.numel() > 0) {  // AMX: tiles of amx_rows pixels within one output row
+    const int64_t span = ((KW - 1) * DW + 1) * C4, NCH = (span + 63) / 64, M = amx_rows;
+    TORCH_CHECK(amx_supported(), "this CPU (or its kernel) does not allow AMX-INT8");
+    TORCH_CHECK(wa.dtype() == torch::kInt8 && wa.is_contiguous() &&
+                wa.numel() == KH * NCH * OB * 1024, "AMX weights do not match");
+    TORCH_CHECK(M >= 1 && M <= 16 && OW % M == 0, "amx_rows must divide OW, at most 16");
+    std::vector<int32_t> zt(OB * 256);
+    for (int64_t b = 0; b < OB; ++b)
+      for (int64_t r = 0; r < 16; ++r)
+        for (int64_t j = 0; j < 16; ++j) zt[(b * 16 + r) * 16 + j] = zs[b * 16 + j];
+    AmxGeometry ag{xp, wa.data_ptr<int8_t>(), zt.data(), N, H + 2 * PH, W + 2 * PW, C4,
+                   OH, OW, KH, SH, SW, DH, OB, NCH, M};
+    const int64_t T = N * OH * (OW / M);
+    for (int64_t b0 = 0; b0 < OB; b0 += 4) {
+      const int64_t nb = std::min<int64_t>(4, OB - b0);
+      at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+        if (nb == 4) amx_tiles<4>(ag, e, b0, t0, t1);
+        else if (nb == 3) amx_tiles<3>(ag, e, b0, t0, t1);
+        else if (nb == 2) amx_tiles<2>(ag, e, b0, t0, t1);
+        else amx_tiles<1>(ag, e, b0, t0, t1);
+      });
+    }
+    return out;
+  }
   if (OB % 4 == 0) {
     run_tiles<6, 4>(g, e, R);
   } else if (OB % 2 == 0) {
