@@ -7,9 +7,10 @@ quantized model calibrated on the same random batches):
 * ``lowbit int8``: the integer model of the W8A8 fake-quant model on the fused channels-last
   path (``backend="auto"``): each convolution (and residual block) on the fastest of its
   exact paths, timed once per layer and input shape in the warm-up (the choices are recorded
-  in the JSON): ``lowbit int8 (VNNI)``, lowbit's AVX-512 VNNI convolution with the
-  fixed-point requantization and the residual add in its register epilogue
-  (``backend="vnni"``); ``lowbit int8 (oneDNN)``, oneDNN's int8 convolution wherever its
+  in the JSON): ``lowbit int8 (AMX)``, lowbit's convolution on AMX-INT8 tiles with the
+  fixed-point requantization and the residual add in its epilogue (``backend="amx"``; layers
+  with fewer than 16 input channels on the VNNI loop); ``lowbit int8 (VNNI)``, the same
+  kernel on AVX-512 VNNI (``backend="vnni"``); ``lowbit int8 (oneDNN)``, oneDNN's int8 convolution wherever its
   accumulators are certified below 2^24 (exact int32 sums returned in float32,
   ``lowbit.integer.ops.OnednnConv2d``), the compiled requantization after it
   (``backend="onednn"``); ``lowbit int8 (_int_mm)``, NHWC im2col + ``torch._int_mm`` and the
@@ -228,6 +229,12 @@ def vnni_available() -> bool:
     return _ext.vnni() is not None
 
 
+def amx_available() -> bool:
+    from lowbit.integer import _ext
+
+    return _ext.vnni() is not None and _ext.vnni().amx_supported()
+
+
 def chosen_paths(im, batch: int) -> dict[str, str]:
     """The path ``backend="auto"`` settled on for each fused layer at this batch size."""
     steps, _ = im._fused_plan()
@@ -290,6 +297,7 @@ def main() -> None:
             fns = {
                 "fp32 eager": lambda x=x: model(x),
                 "lowbit int8": lambda q=q8: im8.run_integer(q),
+                "lowbit int8 (AMX)": lambda q=q8: im8.run_integer(q, backend="amx"),
                 "lowbit int8 (VNNI)": lambda q=q8: im8.run_integer(q, backend="vnni"),
                 "lowbit int8 (oneDNN)": lambda q=q8: im8.run_integer(q, backend="onednn"),
                 "lowbit int8 (_int_mm)": lambda q=q8: im8.run_integer(q, backend="compiled"),
@@ -298,7 +306,9 @@ def main() -> None:
                 "torch.ao x86": lambda x=x: aoq(x),
             }
             if not vnni_available():
-                del fns["lowbit int8 (VNNI)"]
+                del fns["lowbit int8 (VNNI)"], fns["lowbit int8 (AMX)"]
+            elif not amx_available():
+                del fns["lowbit int8 (AMX)"]
             for k, s in sessions.items():
                 fns[k] = lambda s=s, xn=xn: s.run(None, {"input": xn})
             inner = 5 if bs == 1 else 1

@@ -946,6 +946,7 @@ class _FastConv:
             dilation=tuple(a["dilation"]))
         self.no_offset = torch.zeros(w.shape[0], dtype=torch.int64)  # oneDNN subtracts z
         self.vnni_dtype = in_dtype
+        self.code_range = code_range or ((0, 255) if in_dtype == torch.uint8 else (-128, 127))
         self.vnni = _vnni_kernel(n, in_dtype, n.requant.requantizer)
         self.amx = _vnni_kernel(n, in_dtype, n.requant.requantizer, amx=True)
         self.last_path: str | None = None
@@ -1020,10 +1021,29 @@ class _ResidualGroup:
     def __post_init__(self) -> None:
         c = self.conv
         self.onednn = c.onednn
-        res = ResidualEpilogue(self.gain, self.lut, *self.clamp)
+        res = ResidualEpilogue(self.gain, self.lut, *self._reachable_clamp())
         self.vnni = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer, res)
         self.amx = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer, res,
                                 amx=True)
+
+    def _reachable_clamp(self) -> tuple[Tensor, Tensor]:
+        """The residual clamp tightened to the values ``gain·acc + lut[s]`` can take (the
+        accumulator bounded over the input's proven code range): the same function on every
+        reachable input, and bounds that fit in int32 let the kernels take their 32-bit
+        epilogue. Channels whose upper clamp lies below that range keep theirs."""
+        c = self.conv
+        lo, hi = c.code_range
+        z = c.node.attrs["input_zero_point"]
+        w = c.node.weight.reshape(c.node.weight.shape[0], -1).to(torch.int64)
+        acc_min = torch.minimum(w * (lo - z), w * (hi - z)).sum(1)
+        acc_max = torch.maximum(w * (lo - z), w * (hi - z)).sum(1)
+        g = self.gain
+        reach_lo = torch.minimum(g * acc_min, g * acc_max) + self.lut.min(1).values
+        reach_hi = torch.maximum(g * acc_min, g * acc_max) + self.lut.max(1).values
+        clo, chi = self.clamp
+        keep = chi < reach_lo  # a constant output: leave such a channel's clamp alone
+        return (torch.where(keep, clo, torch.maximum(clo, reach_lo)),
+                torch.where(keep, chi, torch.minimum(chi, reach_hi)))
 
     def run(self, env: dict[str, Tensor], backend: str) -> Tensor:
         x, s = env[self.conv.node.inputs[0]], env[self.shortcut.inputs[0]]

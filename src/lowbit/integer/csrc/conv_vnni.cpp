@@ -334,15 +334,25 @@ struct AmxGeometry {
   int64_t N, HP, WP, C4, OH, OW, KH, SH, SW, DH, OB, NCH, M;
 };
 
-template <int NB>
+// RESIDENT: one 16-channel block whose KH*NCH <= 3 weight tiles stay in tiles 5..7 for
+// the whole range (loaded once instead of once per pixel tile)
+template <int NB, bool RESIDENT>
 LOWBIT_AMX static void amx_tiles(const AmxGeometry& g, const Epilogue& e, int64_t b0,
                                  int64_t t0, int64_t t1) {
   TileConfig cfg{};
   cfg.palette = 1;
   for (int b = 0; b < 4; ++b) { cfg.rows[b] = static_cast<uint8_t>(g.M); cfg.colsb[b] = 64; }
   cfg.rows[4] = static_cast<uint8_t>(g.M); cfg.colsb[4] = 64;
-  cfg.rows[5] = cfg.rows[6] = 16; cfg.colsb[5] = cfg.colsb[6] = 64;
+  cfg.rows[5] = cfg.rows[6] = cfg.rows[7] = 16;
+  cfg.colsb[5] = cfg.colsb[6] = cfg.colsb[7] = 64;
   _tile_loadconfig(&cfg);
+  const int64_t nw = g.KH * g.NCH;  // weight tiles of the block, [i][c] order
+  if (RESIDENT) {
+    const int8_t* w = g.wa + b0 * 1024;
+    _tile_loadd(5, w, 64);
+    if (nw > 1) _tile_loadd(6, w + g.OB * 1024, 64);
+    if (nw > 2) _tile_loadd(7, w + 2 * g.OB * 1024, 64);
+  }
   alignas(64) int32_t buf[16 * 16];
   const int64_t tiles_w = g.OW / g.M;
   const int64_t pstride = g.SW * g.C4;
@@ -354,7 +364,16 @@ LOWBIT_AMX static void amx_tiles(const AmxGeometry& g, const Epilogue& e, int64_
 #define LOWBIT_INIT(B) if (NB > B) _tile_loadd(B, g.zt + (b0 + B) * 256, 64);
     LOWBIT_INIT(0) LOWBIT_INIT(1) LOWBIT_INIT(2) LOWBIT_INIT(3)
 #undef LOWBIT_INIT
-    for (int64_t i = 0; i < g.KH; ++i) {
+    if (RESIDENT) {
+      for (int64_t q = 0; q < nw; ++q) {
+        const int64_t i = q / g.NCH, c = q % g.NCH;
+        _tile_loadd(4, px + i * g.DH * g.WP * g.C4 + c * 64, pstride);
+        if (q == 0) _tile_dpbusd(0, 4, 5);
+        else if (q == 1) _tile_dpbusd(0, 4, 6);
+        else _tile_dpbusd(0, 4, 7);
+      }
+    }
+    for (int64_t i = 0; i < (RESIDENT ? 0 : g.KH); ++i) {
       const uint8_t* row = px + i * g.DH * g.WP * g.C4;
       const int8_t* w = g.wa + (i * g.NCH * g.OB + b0) * 1024;
       for (int64_t c = 0; c < g.NCH; ++c, w += g.OB * 1024) {
@@ -587,11 +606,13 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
     const int64_t T = N * OH * (OW / M);
     for (int64_t b0 = 0; b0 < OB; b0 += 4) {
       const int64_t nb = std::min<int64_t>(4, OB - b0);
+      const bool resident = nb == 1 && KH * NCH <= 3;
       at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
-        if (nb == 4) amx_tiles<4>(ag, e, b0, t0, t1);
-        else if (nb == 3) amx_tiles<3>(ag, e, b0, t0, t1);
-        else if (nb == 2) amx_tiles<2>(ag, e, b0, t0, t1);
-        else amx_tiles<1>(ag, e, b0, t0, t1);
+        if (nb == 4) amx_tiles<4, false>(ag, e, b0, t0, t1);
+        else if (nb == 3) amx_tiles<3, false>(ag, e, b0, t0, t1);
+        else if (nb == 2) amx_tiles<2, false>(ag, e, b0, t0, t1);
+        else if (resident) amx_tiles<1, true>(ag, e, b0, t0, t1);
+        else amx_tiles<1, false>(ag, e, b0, t0, t1);
       });
     }
     return out;
