@@ -133,7 +133,7 @@ needs_amx = pytest.mark.skipif(not _amx(), reason="no AMX-INT8 (CPU or OS) on th
 
 @needs_amx
 @settings(max_examples=60, deadline=None)
-@given(conv_cases(), st.sampled_from([16, 20, 33, 64]), st.integers(1, 20))
+@given(conv_cases(), st.sampled_from([1, 3, 16, 20, 33, 64]), st.integers(1, 20))
 def test_amx_conv_matches_torch_path(case, c, w_):
     """The AMX-INT8 tiles (spans of taps read 64 bytes at a time against zero-padded weight
     tiles; 1 to 16 pixels a tile) give the torch path's integers, every output."""
@@ -148,12 +148,20 @@ def test_amx_conv_matches_torch_path(case, c, w_):
 
 
 @needs_amx
-def test_amx_needs_16_input_channels():
-    rng = np.random.default_rng(0)
-    w = torch.ones(16, 15, 3, 3, dtype=torch.int8)
-    kern = Conv2dKernel(w, _raw_requantizer(rng, 16, torch.uint8, acc_bits=22),
-                        input_zero_point=0, input_dtype=torch.uint8, amx=True)
-    assert kern.compiled and not kern.amx  # the VNNI loop runs it
+@pytest.mark.parametrize("c", [1, 3, 4, 7])
+def test_amx_with_few_input_channels(c):
+    """A few channels: most of each 64-byte tile row is other pixels' bytes, against zero
+    weights; the sums stay exact."""
+    rng = np.random.default_rng(c)
+    g = torch.Generator().manual_seed(c)
+    w = torch.randint(-128, 128, (16, c, 3, 3), generator=g, dtype=torch.int16).to(torch.int8)
+    x = torch.randint(-128, 128, (3, c, 16, 16), generator=g, dtype=torch.int16).to(torch.int8)
+    rq = _raw_requantizer(rng, 16, torch.uint8, acc_bits=22)
+    kern = Conv2dKernel(w, rq, input_zero_point=-3, input_dtype=torch.int8, padding=1,
+                        amx=True)
+    assert kern.compiled and kern.amx
+    ref = int_conv2d(x, w, rq, input_zero_point=-3, padding=1, backend="torch")
+    assert torch.equal(kern(x), ref)
 
 
 CERTIFIED = [  # n, c, o, h, w, k, stride, padding, dilation, xdt, z, outdt, zout
@@ -295,6 +303,47 @@ def test_residual_epilogue_matches_its_definition(sdt, o, bits):
         if backend == "auto" and not kern.compiled or amx and not kern.amx:
             continue
         assert torch.equal(kern(x, sc), want), (backend, amx)
+
+
+@needs_vnni
+@pytest.mark.parametrize("sdt", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_residual_shortcut_rule_in_lanes_equals_the_table(sdt, amx, seed):
+    """A shortcut requantization small enough for int32 lanes (evaluated in the kernel) gives
+    exactly the table's values (gathered): ties, both clamps and negative multipliers."""
+    rng = np.random.default_rng(100 + seed)
+    g = torch.Generator().manual_seed(seed)
+    n, c, o, h = 2, 16, 37, 6
+    x = torch.randint(0, 256, (n, c, h, h), generator=g, dtype=torch.int16).to(torch.uint8)
+    w = torch.randint(-128, 128, (o, c, 3, 3), generator=g, dtype=torch.int16).to(torch.int8)
+    lo_s, hi_s = RANGES[sdt]
+    sc = torch.randint(lo_s, hi_s + 1, (n, o, h, h), generator=g, dtype=torch.int16).to(sdt)
+    k = torch.tensor(rng.integers(0, 15, o), dtype=torch.int64)
+    mul = torch.tensor(rng.integers(-(2**22), 2**22, o), dtype=torch.int64)
+    off = torch.tensor(rng.integers(-(2**28), 2**28, o), dtype=torch.int64)
+    win = torch.tensor([int(rng.integers(0, 2**int(v) + 1)) for v in k], dtype=torch.int64)
+    short = Requantizer(mul, off, k, win, 3, -(2**20), 2**20 - 5, torch.int32, (lo_s, hi_s))
+    byte = torch.arange(lo_s, hi_s + 1, dtype=torch.int64).view(-1, 1).expand(-1, o)
+    lut = short(byte.contiguous(), backend="torch").to(torch.int64).t().contiguous()
+    # (row s - lo_s of the table: s itself for uint8, s + 128 for int8, as the kernel indexes)
+    gain = torch.tensor(rng.integers(-3, 4, o), dtype=torch.int64)
+    lo = torch.full((o,), -(2**24), dtype=torch.int64)
+    hi = torch.full((o,), 2**24, dtype=torch.int64)
+    rq = _raw_requantizer(rng, o, torch.int8, acc_bits=26)
+    table = ResidualEpilogue(gain, lut, lo, hi)
+    lanes = ResidualEpilogue(gain, lut, lo, hi, shortcut=short)
+    kt = Conv2dKernel(w, rq, input_zero_point=9, input_dtype=torch.uint8, padding=1,
+                      residual=table, amx=amx)
+    kl = Conv2dKernel(w, rq, input_zero_point=9, input_dtype=torch.uint8, padding=1,
+                      residual=lanes, amx=amx)
+    assert kl._srule.numel() > 0 and kt._srule.numel() == 0
+    ref = Conv2dKernel(w, rq, input_zero_point=9, input_dtype=torch.uint8, padding=1,
+                       residual=table, backend="torch")(x, sc)
+    assert torch.equal(kt(x, sc), ref) and torch.equal(kl(x, sc), ref)
+    # the tie correction of the shortcut's rule was exercised
+    v = byte * mul + off
+    assert bool((((v & ((1 << k) - 1)) < win) & ((v >> k) % 2 == 1)).any())
 
 
 def test_residual_lut_beyond_int32_uses_the_torch_path():

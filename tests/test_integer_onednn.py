@@ -214,12 +214,11 @@ def _amx() -> bool:
 
 @pytest.mark.skipif(not _amx(), reason="no AMX-INT8 on this machine")
 def test_resnet20_amx(resnet20_int):
-    """backend="amx": every layer with 16 input channels or more on AMX tiles (the first
-    convolution, 3 channels, on the VNNI loop), same integers."""
+    """backend="amx": every convolution on AMX tiles, same integers."""
     im = resnet20_int
     q = im.quantize_input(torch.randn(3, 3, 32, 32))
     assert torch.equal(im.run_integer(q, backend="amx"), im.run_integer(q, backend="torch"))
-    assert _layer_paths(im) == ["vnni"] + ["amx"] * 18
+    assert _layer_paths(im) == ["amx"] * 19
 
 
 def test_autotuning_checks_the_paths_agree(resnet20_int, monkeypatch):

@@ -311,9 +311,8 @@ class IntegerModel:
                         requantization (and the residual add) in its register epilogue
                         (:class:`~lowbit.integer.ops.Conv2dKernel`); RuntimeError where the
                         CPU or the compiler lacks it
-        ``"amx"``       the same kernel with its products on AMX-INT8 tiles (layers with 16
-                        input channels or more; the others as ``"vnni"``); RuntimeError where
-                        the CPU or the OS does not allow AMX
+        ``"amx"``       the same kernel with its products on AMX-INT8 tiles; RuntimeError
+                        where the CPU or the OS does not allow AMX
         ``"auto"``      per layer and input shape, the fastest of the paths available there,
                         timed once on the first call with that shape (a few runs of each;
                         all give the same integers, which the timing run also checks)
@@ -1021,7 +1020,8 @@ class _ResidualGroup:
     def __post_init__(self) -> None:
         c = self.conv
         self.onednn = c.onednn
-        res = ResidualEpilogue(self.gain, self.lut, *self._reachable_clamp())
+        res = ResidualEpilogue(self.gain, self.lut, *self._reachable_clamp(),
+                               shortcut=self.shortcut.requant.requantizer)
         self.vnni = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer, res)
         self.amx = _vnni_kernel(c.node, c.vnni_dtype, self.final.requant.requantizer, res,
                                 amx=True)

@@ -327,12 +327,31 @@ class ResidualEpilogue:
     with ``s`` the shortcut's 8-bit value at the same position, ``s' = s`` for uint8 and
     ``s + 128`` for int8 shortcuts (``lut`` holds the shortcut's own requantization for every
     byte value). All tensors int64: ``gain``/``clamp_lo``/``clamp_hi`` ``[O]``, ``lut [O, 256]``.
+
+    ``shortcut`` (optional): the requantization the table holds, ``lut[o, s'] =
+    shortcut(s)``; where its ``M·s + C`` fits in int32 over every byte value the compiled
+    kernel evaluates it in 32-bit lanes instead of gathering from the table.
     """
 
     gain: Tensor
     lut: Tensor
     clamp_lo: Tensor
     clamp_hi: Tensor
+    shortcut: Requantizer | None = None
+
+
+def _int32_rule(rq: Requantizer, codes: tuple[int, int], channels: int) -> Tensor | None:
+    """``rq`` as int32 rows (M, C, k, 2^k - 1, window >= 0) for 16-lane evaluation, or None
+    where some ``M·s + C`` over ``codes``, a constant or the output range leaves int32."""
+    lim = 2**31
+    m, c, k, w = (t.to(torch.int64) for t in (rq.multiplier, rq.offset, rq.shift, rq.window))
+    ends = torch.stack([m * codes[0] + c, m * codes[1] + c])
+    if (rq.channels != channels or int(k.min()) < 0 or int(k.max()) > 30
+            or int(ends.abs().max()) >= lim or int(m.abs().max()) >= lim
+            or int(c.abs().max()) >= lim or not -lim <= rq.qmin <= rq.qmax < lim
+            or not -lim <= rq.zero_point < lim or not -lim <= rq.qmin - rq.zero_point):
+        return None
+    return torch.stack([m, c, k, (1 << k) - 1, w.clamp_min(0)]).to(torch.int32)
 
 
 _OUT_KINDS = {torch.int8: 0, torch.uint8: 1, torch.int32: 2}
@@ -358,9 +377,11 @@ class Conv2dKernel:
 
     ``amx=True`` runs the products on AMX-INT8 tiles instead (``TDPBUSD``: 16 pixels of one
     output row by 16 channels per tile, the same exact int32 sums, the same epilogue) where
-    the CPU and the OS allow it and the layer has at least 16 input channels; :attr:`amx`
+    the CPU and the OS allow it; :attr:`amx`
     tells whether it will (a call whose output rows cannot be cut into tiles of 8 to 16
-    pixels uses the VNNI loop).
+    pixels uses the VNNI loop). Few input channels waste most of each 64-byte tile row (3
+    channels: 12 useful bytes per kernel row), yet even then the tiles can be the faster
+    path: ``backend="auto"`` measures.
     """
 
     def __init__(self, weight: Tensor, requant: Requantizer, *, input_zero_point: int,
@@ -429,15 +450,25 @@ class Conv2dKernel:
         self._params = torch.stack([pad(self.zu8 * self.row_sums), pad(r.multiplier),
                                     pad(r.offset), pad(k), pad(mask), pad(r.window),
                                     pad(gain)]).contiguous()
+        self._srule, self._sconst = torch.empty(0, dtype=torch.int32), (0, 0, 0)
         if res is not None:
             self._lut = pad(res.lut).to(torch.int32).contiguous()  # values fit: checked
             self._clamp = torch.stack([pad(res.clamp_lo), pad(res.clamp_hi)]).contiguous()
+            rule = None
+            if res.shortcut is not None:
+                rule = _int32_rule(res.shortcut, (-128, 255), o)  # int8 or uint8 codes
+            if rule is not None:
+                self._srule = torch.zeros(5, op, dtype=torch.int32)
+                self._srule[:, :o] = rule
+                self._srule = self._srule.contiguous()
+                sq = res.shortcut
+                self._sconst = (sq.zero_point, sq.qmin, sq.qmax)
         else:
             self._lut = self._clamp = torch.empty(0, dtype=torch.int64)
         self._packed = mod.pack_conv_weight(self.weight.contiguous())
         self._out_kind = _OUT_KINDS[r.dtype]
         c4 = (c + 3) // 4 * 4
-        self.amx = bool(self._want_amx and c >= 16 and mod.amx_supported())
+        self.amx = bool(self._want_amx and mod.amx_supported())
         self._packed_amx = (mod.pack_conv_weight_amx(self.weight.contiguous(), c4,
                                                      self.dilation[1])
                             if self.amx else torch.empty(0, dtype=torch.int8))
@@ -475,7 +506,8 @@ class Conv2dKernel:
                 x, self._packed, o, kh, kw, sh, sw, ph, pw, dh, dw, self.zu8, self._params,
                 r.zero_point, r.qmin, r.qmax, self._out_kind, sc is not None,
                 sc if sc is not None else self._lut, self._lut, self._clamp,
-                self._packed_amx if rows else self._packed_amx[:0], rows)
+                self._packed_amx if rows else self._packed_amx[:0], rows, self._srule,
+                *self._sconst)
         else:
             y = self._torch(x, sc, oh, ow)
         return y.permute(0, 3, 1, 2)  # NCHW view of NHWC memory

@@ -54,7 +54,37 @@ struct Epilogue {
   void* out;
   int64_t O;
   bool narrow;          // multipliers, gains and residual clamps fit in int32
+  const int32_t* sr;    // [5, OP] the shortcut's rule in int32 (M, C, k, 2^k - 1, window),
+                        // nullptr: its values come from the table lut
+  int32_t szp, sqmin, sqmax;
 };
+
+// The shortcut's terms of 16 channels [o, o + 16) of one pixel: lut[o][s], gathered from the
+// table, or (sr) the shortcut's requantization rule evaluated in int32 lanes, where
+// |M·s + C| < 2^31 over its codes (checked when the layer is prepared): the same integers.
+LOWBIT_VNNI static inline __m512i shortcut_terms(const Epilogue& e, const uint8_t* s,
+                                                 bool full, __mmask16 valid, __m512i rows,
+                                                 __m128i flip, int64_t o) {
+  const __m128i raw = full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s))
+                           : _mm_maskz_loadu_epi8(valid, s);
+  if (e.sr == nullptr)
+    return _mm512_mask_i32gather_epi32(
+        _mm512_setzero_si512(), valid,
+        _mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_xor_si128(raw, flip)), rows), e.lut, 4);
+  const int64_t OP = e.OP;
+  const __m512i x = e.sc_signed ? _mm512_cvtepi8_epi32(raw) : _mm512_cvtepu8_epi32(raw);
+  const __m512i v = _mm512_add_epi32(_mm512_mullo_epi32(x, _mm512_loadu_si512(e.sr + o)),
+                                     _mm512_loadu_si512(e.sr + OP + o));
+  __m512i q = _mm512_srav_epi32(v, _mm512_loadu_si512(e.sr + 2 * OP + o));
+  const __m512i one = _mm512_set1_epi32(1);
+  const __mmask16 t =
+      _mm512_cmplt_epi32_mask(_mm512_and_si512(v, _mm512_loadu_si512(e.sr + 3 * OP + o)),
+                              _mm512_loadu_si512(e.sr + 4 * OP + o)) &
+      _mm512_test_epi32_mask(q, one);
+  q = _mm512_add_epi32(_mm512_mask_sub_epi32(q, t, q, one), _mm512_set1_epi32(e.szp));
+  return _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(e.sqmax)),
+                          _mm512_set1_epi32(e.sqmin));
+}
 
 // The narrow epilogue: products on the even / odd int32 lanes (vpmuldq), constants even/odd.
 template <int OUTK, bool RES>
@@ -89,7 +119,6 @@ LOWBIT_VNNI static void epilogue_block_narrow(const Epilogue& e, const int32_t* 
                 zp = _mm512_set1_epi32(static_cast<int32_t>(e.zp)), one = _mm512_set1_epi64(1);
   const bool ties = e.ties[o / 16] != 0;
   const uint8_t* sc = e.sc + r0 * e.O + o;
-  const int32_t* lut = e.lut;
   const __m128i flip = _mm_set1_epi8(e.sc_signed ? static_cast<char>(0x80) : 0);
   const __m512i rows = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(o)),
@@ -106,12 +135,7 @@ LOWBIT_VNNI static void epilogue_block_narrow(const Epilogue& e, const int32_t* 
     __m512i a = _mm512_loadu_si512(acc + q * ld);  // int32: channel 2j low, 2j + 1 high of lane j
     __m512i xe = a, xo = _mm512_srli_epi64(a, 32);  // vpmuldq reads the low dword, signed
     if (RES) {  // x = clamp(g * x + lut[o][s]): 64-bit, then back in the low dwords (fits)
-      const __m128i sb = _mm_xor_si128(
-          full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + q * O))
-               : _mm_maskz_loadu_epi8(valid, sc + q * O), flip);
-      const __m512i tv = _mm512_mask_i32gather_epi32(
-          _mm512_setzero_si512(), valid, _mm512_add_epi32(_mm512_cvtepu8_epi32(sb), rows),
-          lut, 4);
+      const __m512i tv = shortcut_terms(e, sc + q * O, full, valid, rows, flip, o);
       __m512i ye = _mm512_add_epi64(_mm512_mul_epi32(gaine, xe),
                                     _mm512_srai_epi64(_mm512_slli_epi64(tv, 32), 32));
       __m512i yo = _mm512_add_epi64(_mm512_mul_epi32(gaino, xo), _mm512_srai_epi64(tv, 32));
@@ -175,7 +199,6 @@ LOWBIT_VNNI static void epilogue_block(const Epilogue& e, const int32_t* __restr
                 hi = _mm512_set1_epi64(e.qmax), one = _mm512_set1_epi64(1);
   const bool ties = e.ties[o / 16] != 0;
   const uint8_t* sc = e.sc + r0 * e.O + o;
-  const int32_t* lut = e.lut;
   const __m128i flip = _mm_set1_epi8(e.sc_signed ? static_cast<char>(0x80) : 0);
   const __m512i rows = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(o)),
@@ -193,12 +216,7 @@ LOWBIT_VNNI static void epilogue_block(const Epilogue& e, const int32_t* __restr
     __m512i x0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
     __m512i x1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
     if (RES) {  // gather lut[o][s] (s ^ 0x80 for int8 shortcuts: the table starts at -128)
-      const __m128i sb = _mm_xor_si128(
-          full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + q * O))
-               : _mm_maskz_loadu_epi8(valid, sc + q * O), flip);
-      const __m512i tv = _mm512_mask_i32gather_epi32(
-          _mm512_setzero_si512(), valid, _mm512_add_epi32(_mm512_cvtepu8_epi32(sb), rows),
-          lut, 4);
+      const __m512i tv = shortcut_terms(e, sc + q * O, full, valid, rows, flip, o);
       x0 = _mm512_add_epi64(_mm512_mullo_epi64(gain0, x0),
                             _mm512_cvtepi32_epi64(_mm512_castsi512_si256(tv)));
       x1 = _mm512_add_epi64(_mm512_mullo_epi64(gain1, x1),
@@ -540,7 +558,8 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
                              int64_t DH, int64_t DW, int64_t zu8, torch::Tensor params,
                              int64_t zp, int64_t qmin, int64_t qmax, int64_t out_kind,
                              bool has_res, torch::Tensor sc, torch::Tensor lut,
-                             torch::Tensor clamp, torch::Tensor wa, int64_t amx_rows) {
+                             torch::Tensor clamp, torch::Tensor wa, int64_t amx_rows,
+                             torch::Tensor srule, int64_t szp, int64_t sqmin, int64_t sqmax) {
   TORCH_CHECK(vnni_supported(), "this CPU lacks AVX-512 VNNI");
   TORCH_CHECK((x.dtype() == torch::kInt8 || x.dtype() == torch::kUInt8) && x.dim() == 4,
               "x must be an int8/uint8 [N, C, H, W] tensor");
@@ -573,7 +592,9 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
   for (int64_t o = 0; o < OP; ++o)
     narrow = narrow && fits32(pr[MUL * OP + o]) && (!has_res || fits32(pr[GAIN * OP + o]));
   Epilogue e{pr, nullptr, nullptr, nullptr, nullptr, false, ties.data(), OP,
-             zp, qmin, qmax, static_cast<int>(out_kind), out.data_ptr(), O, narrow};
+             zp, qmin, qmax, static_cast<int>(out_kind), out.data_ptr(), O, narrow,
+             nullptr, static_cast<int32_t>(szp), static_cast<int32_t>(sqmin),
+             static_cast<int32_t>(sqmax)};
   if (has_res) {
     TORCH_CHECK((sc.dtype() == torch::kUInt8 || sc.dtype() == torch::kInt8) &&
                 sc.is_contiguous() && sc.numel() == N * OH * OW * O,
@@ -587,6 +608,11 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
     e.lut = lut.data_ptr<int32_t>();
     e.clo = clamp.data_ptr<int64_t>();
     e.chi = e.clo + OP;
+    if (srule.numel() > 0) {
+      TORCH_CHECK(srule.dtype() == torch::kInt32 && srule.is_contiguous() &&
+                  srule.numel() == 5 * OP, "srule [5, OP] int32");
+      e.sr = srule.data_ptr<int32_t>();
+    }
     for (int64_t o = 0; o < OP && e.narrow; ++o)  // the clamped x must fit in int32 too
       e.narrow = fits32(e.clo[o]) && fits32(e.chi[o]) && e.clo[o] <= e.chi[o];
   }
