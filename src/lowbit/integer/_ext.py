@@ -177,7 +177,7 @@ def vnni() -> ModuleType | None:
 
             src = (Path(__file__).parent / "csrc" / "conv_vnni.cpp").read_text()
             mod = load_inline(
-                name="lowbit_integer_vnni_v5", cpp_sources=[src],
+                name="lowbit_integer_vnni_v7", cpp_sources=[src],
                 functions=_VNNI_FUNCTIONS,
                 extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
                 verbose=False)

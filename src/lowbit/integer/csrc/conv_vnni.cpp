@@ -86,12 +86,72 @@ LOWBIT_VNNI static inline __m512i shortcut_terms(const Epilogue& e, const uint8_
                           _mm512_set1_epi32(e.sqmin));
 }
 
+// q = v >> k (floor) on int64 lanes; with ties, an exact tie (v mod 2^k below the window)
+// of an odd quotient rounds down to its even neighbour
+LOWBIT_VNNI static inline __m512i shift_round(__m512i v, __m512i k, __m512i mask, __m512i win,
+                                              bool ties) {
+  __m512i q = _mm512_srav_epi64(v, k);
+  if (ties) {
+    const __m512i one = _mm512_set1_epi64(1);
+    const __mmask8 t = _mm512_cmplt_epi64_mask(_mm512_and_si512(v, mask), win) &
+                       _mm512_test_epi64_mask(q, one);
+    q = _mm512_mask_sub_epi64(q, t, q, one);
+  }
+  return q;
+}
+
+// Where one 16-channel block [o, o + 16) of the pixels from r0 reads its shortcut bytes and
+// writes its outputs (the last block of a layer may be partial: masked loads and stores).
+template <int OUTK>
+struct BlockIO {
+  using Out = typename std::conditional<OUTK == 2, int32_t,
+                                        typename std::conditional<OUTK == 1, uint8_t,
+                                                                  int8_t>::type>::type;
+  const Epilogue& e;
+  int64_t o, O;
+  const uint8_t* sc;
+  Out* out;
+  bool full;
+  __mmask16 valid;
+  __m128i flip;
+  __m512i rows;
+
+  LOWBIT_VNNI BlockIO(const Epilogue& ep, int64_t r0, int64_t o_)
+      : e(ep), o(o_), O(ep.O), sc(ep.sc + r0 * ep.O + o_),
+        out(static_cast<Out*>(ep.out) + r0 * ep.O + o_), full(ep.O - o_ >= 16),
+        valid(full ? 0xFFFF : static_cast<__mmask16>((1u << (ep.O - o_)) - 1)),
+        flip(_mm_set1_epi8(ep.sc_signed ? static_cast<char>(0x80) : 0)),
+        rows(_mm512_slli_epi32(
+            _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(o_)),
+                             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
+                                              1, 0)),
+            8)) {}
+
+  // the shortcut's terms of pixel q (see shortcut_terms)
+  LOWBIT_VNNI __m512i terms(int64_t q) const {
+    return shortcut_terms(e, sc + q * O, full, valid, rows, flip, o);
+  }
+
+  // the 16 int32 results y of pixel q, narrowed to the output type
+  LOWBIT_VNNI void store(int64_t q, __m512i y) const {
+    Out* dst = out + q * O;
+    if (OUTK == 2) {
+      if (full) _mm512_storeu_si512(dst, y);
+      else _mm512_mask_storeu_epi32(dst, valid, y);
+    } else {
+      const __m128i b = _mm512_cvtepi32_epi8(y);
+      if (full) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
+      else _mm_mask_storeu_epi8(dst, valid, b);
+    }
+  }
+};
+
 // The narrow epilogue: products on the even / odd int32 lanes (vpmuldq), constants even/odd.
 template <int OUTK, bool RES>
 LOWBIT_VNNI static void epilogue_block_narrow(const Epilogue& e, const int32_t* __restrict acc,
                                               int64_t ld, int64_t np, int64_t r0, int64_t o) {
   const int64_t* p = e.p;
-  const int64_t OP = e.OP, O = e.O;
+  const int64_t OP = e.OP;
   const __m512i ie = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i io = _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1);
 #define LOWBIT_EO(NAME, PTR)                                                  \
@@ -116,26 +176,14 @@ LOWBIT_VNNI static void epilogue_block_narrow(const Epilogue& e, const int32_t* 
 #undef LOWBIT_EO
   // clamp q to [qmin - zp, qmax - zp] in int64, then add zp in int32 after the merge
   const __m512i lo = _mm512_set1_epi64(e.qmin - e.zp), hi = _mm512_set1_epi64(e.qmax - e.zp),
-                zp = _mm512_set1_epi32(static_cast<int32_t>(e.zp)), one = _mm512_set1_epi64(1);
+                zp = _mm512_set1_epi32(static_cast<int32_t>(e.zp));
   const bool ties = e.ties[o / 16] != 0;
-  const uint8_t* sc = e.sc + r0 * e.O + o;
-  const __m128i flip = _mm_set1_epi8(e.sc_signed ? static_cast<char>(0x80) : 0);
-  const __m512i rows = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(o)),
-                       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
-      8);
-  const int64_t left = O - o;
-  const bool full = left >= 16;
-  const __mmask16 valid = full ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-  using Out = typename std::conditional<OUTK == 2, int32_t,
-                                        typename std::conditional<OUTK == 1, uint8_t,
-                                                                  int8_t>::type>::type;
-  Out* __restrict out = static_cast<Out*>(e.out) + r0 * O + o;
+  const BlockIO<OUTK> blk(e, r0, o);
   for (int64_t q = 0; q < np; ++q) {
     __m512i a = _mm512_loadu_si512(acc + q * ld);  // int32: channel 2j low, 2j + 1 high of lane j
     __m512i xe = a, xo = _mm512_srli_epi64(a, 32);  // vpmuldq reads the low dword, signed
     if (RES) {  // x = clamp(g * x + lut[o][s]): 64-bit, then back in the low dwords (fits)
-      const __m512i tv = shortcut_terms(e, sc + q * O, full, valid, rows, flip, o);
+      const __m512i tv = blk.terms(q);
       __m512i ye = _mm512_add_epi64(_mm512_mul_epi32(gaine, xe),
                                     _mm512_srai_epi64(_mm512_slli_epi64(tv, 32), 32));
       __m512i yo = _mm512_add_epi64(_mm512_mul_epi32(gaino, xo), _mm512_srai_epi64(tv, 32));
@@ -144,28 +192,13 @@ LOWBIT_VNNI static void epilogue_block_narrow(const Epilogue& e, const int32_t* 
     }
     const __m512i ve = _mm512_add_epi64(_mm512_mul_epi32(xe, mule), offe);
     const __m512i vo = _mm512_add_epi64(_mm512_mul_epi32(xo, mulo), offo);
-    __m512i qe = _mm512_srav_epi64(ve, she), qo = _mm512_srav_epi64(vo, sho);
-    if (ties) {  // exact ties of odd quotients round down to the even neighbour
-      const __mmask8 te = _mm512_cmplt_epi64_mask(_mm512_and_si512(ve, mske), wine) &
-                          _mm512_test_epi64_mask(qe, one);
-      const __mmask8 to = _mm512_cmplt_epi64_mask(_mm512_and_si512(vo, msko), wino) &
-                          _mm512_test_epi64_mask(qo, one);
-      qe = _mm512_mask_sub_epi64(qe, te, qe, one);
-      qo = _mm512_mask_sub_epi64(qo, to, qo, one);
-    }
+    __m512i qe = shift_round(ve, she, mske, wine, ties);
+    __m512i qo = shift_round(vo, sho, msko, wino, ties);
     qe = _mm512_max_epi64(_mm512_min_epi64(qe, hi), lo);
     qo = _mm512_max_epi64(_mm512_min_epi64(qo, hi), lo);
     const __m512i y = _mm512_add_epi32(
         _mm512_mask_blend_epi32(0xAAAA, qe, _mm512_slli_epi64(qo, 32)), zp);
-    Out* dst = out + q * O;
-    if (OUTK == 2) {
-      if (full) _mm512_storeu_si512(dst, y);
-      else _mm512_mask_storeu_epi32(dst, valid, y);
-    } else {
-      const __m128i b = _mm512_cvtepi32_epi8(y);
-      if (full) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
-      else _mm_mask_storeu_epi8(dst, valid, b);
-    }
+    blk.store(q, y);
   }
 }
 
@@ -176,7 +209,7 @@ template <int OUTK, bool RES>
 LOWBIT_VNNI static void epilogue_block(const Epilogue& e, const int32_t* __restrict acc,
                                        int64_t ld, int64_t np, int64_t r0, int64_t o) {
   const int64_t* p = e.p;
-  const int64_t OP = e.OP, O = e.O;
+  const int64_t OP = e.OP;
 #define LOWBIT_PAIR(NAME, PTR) \
   const __m512i NAME##0 = _mm512_loadu_si512(PTR); \
   const __m512i NAME##1 = _mm512_loadu_si512((PTR) + 8);
@@ -196,27 +229,15 @@ LOWBIT_VNNI static void epilogue_block(const Epilogue& e, const int32_t* __restr
     chi1 = _mm512_loadu_si512(e.chi + o + 8);
   }
   const __m512i zp = _mm512_set1_epi64(e.zp), lo = _mm512_set1_epi64(e.qmin),
-                hi = _mm512_set1_epi64(e.qmax), one = _mm512_set1_epi64(1);
+                hi = _mm512_set1_epi64(e.qmax);
   const bool ties = e.ties[o / 16] != 0;
-  const uint8_t* sc = e.sc + r0 * e.O + o;
-  const __m128i flip = _mm_set1_epi8(e.sc_signed ? static_cast<char>(0x80) : 0);
-  const __m512i rows = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(o)),
-                       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)),
-      8);
-  const int64_t left = O - o;
-  const bool full = left >= 16;
-  const __mmask16 valid = full ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-  using Out = typename std::conditional<OUTK == 2, int32_t,
-                                        typename std::conditional<OUTK == 1, uint8_t,
-                                                                  int8_t>::type>::type;
-  Out* __restrict out = static_cast<Out*>(e.out) + r0 * O + o;
+  const BlockIO<OUTK> blk(e, r0, o);
   for (int64_t q = 0; q < np; ++q) {
     const __m512i a = _mm512_loadu_si512(acc + q * ld);
     __m512i x0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a));
     __m512i x1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1));
     if (RES) {  // gather lut[o][s] (s ^ 0x80 for int8 shortcuts: the table starts at -128)
-      const __m512i tv = shortcut_terms(e, sc + q * O, full, valid, rows, flip, o);
+      const __m512i tv = blk.terms(q);
       x0 = _mm512_add_epi64(_mm512_mullo_epi64(gain0, x0),
                             _mm512_cvtepi32_epi64(_mm512_castsi512_si256(tv)));
       x1 = _mm512_add_epi64(_mm512_mullo_epi64(gain1, x1),
@@ -226,28 +247,13 @@ LOWBIT_VNNI static void epilogue_block(const Epilogue& e, const int32_t* __restr
     }
     const __m512i v0 = _mm512_add_epi64(_mm512_mullo_epi64(x0, mul0), off0);
     const __m512i v1 = _mm512_add_epi64(_mm512_mullo_epi64(x1, mul1), off1);
-    __m512i q0 = _mm512_srav_epi64(v0, sh0), q1 = _mm512_srav_epi64(v1, sh1);
-    if (ties) {  // exact ties of odd quotients round down to the even neighbour
-      const __mmask8 t0 = _mm512_cmplt_epi64_mask(_mm512_and_si512(v0, msk0), win0) &
-                          _mm512_test_epi64_mask(q0, one);
-      const __mmask8 t1 = _mm512_cmplt_epi64_mask(_mm512_and_si512(v1, msk1), win1) &
-                          _mm512_test_epi64_mask(q1, one);
-      q0 = _mm512_mask_sub_epi64(q0, t0, q0, one);
-      q1 = _mm512_mask_sub_epi64(q1, t1, q1, one);
-    }
+    __m512i q0 = shift_round(v0, sh0, msk0, win0, ties);
+    __m512i q1 = shift_round(v1, sh1, msk1, win1, ties);
     q0 = _mm512_max_epi64(_mm512_min_epi64(_mm512_add_epi64(q0, zp), hi), lo);
     q1 = _mm512_max_epi64(_mm512_min_epi64(_mm512_add_epi64(q1, zp), hi), lo);
     const __m512i y = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(q0)),
                                          _mm512_cvtepi64_epi32(q1), 1);
-    Out* dst = out + q * O;
-    if (OUTK == 2) {
-      if (full) _mm512_storeu_si512(dst, y);
-      else _mm512_mask_storeu_epi32(dst, valid, y);
-    } else {
-      const __m128i b = _mm512_cvtepi32_epi8(y);
-      if (full) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), b);
-      else _mm_mask_storeu_epi8(dst, valid, b);
-    }
+    blk.store(q, y);
   }
 }
 
