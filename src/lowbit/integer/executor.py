@@ -32,6 +32,7 @@ rounding of :mod:`lowbit.integer.exact` in place of the fixed-point rule, im2col
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -946,10 +947,17 @@ class _FastConv:
         self.no_offset = torch.zeros(w.shape[0], dtype=torch.int64)  # oneDNN subtracts z
         self.vnni_dtype = in_dtype
         self.code_range = code_range or ((0, 255) if in_dtype == torch.uint8 else (-128, 127))
-        self.vnni = _vnni_kernel(n, in_dtype, n.requant.requantizer)
-        self.amx = _vnni_kernel(n, in_dtype, n.requant.requantizer, amx=True)
         self.last_path: str | None = None
         self.chosen: dict[tuple, str] = {}  # "auto": the fastest path per input shape
+
+    # built on first use: the convolution of a fused residual block never runs these alone
+    @functools.cached_property
+    def vnni(self) -> Conv2dKernel | None:
+        return _vnni_kernel(self.node, self.vnni_dtype, self.node.requant.requantizer)
+
+    @functools.cached_property
+    def amx(self) -> Conv2dKernel | None:
+        return _vnni_kernel(self.node, self.vnni_dtype, self.node.requant.requantizer, amx=True)
 
     def accumulate(self, x: Tensor, backend: str = "auto"
                    ) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
