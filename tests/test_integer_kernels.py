@@ -164,6 +164,32 @@ def test_amx_with_few_input_channels(c):
     assert torch.equal(kern(x), ref)
 
 
+@needs_vnni
+def test_amx_unavailable_falls_back_to_the_vnni_loop(monkeypatch):
+    """A build or a machine without AMX (``amx_supported()`` false): ``amx=True`` kernels run
+    the VNNI loop, same integers."""
+    real = _ext.vnni()
+
+    class NoAmx:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def amx_supported(self):
+            return False
+
+    monkeypatch.setitem(_ext._state, "vnni", NoAmx())
+    rng = np.random.default_rng(5)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randint(-128, 128, (16, 16, 3, 3), generator=g, dtype=torch.int16).to(torch.int8)
+    x = torch.randint(0, 256, (2, 16, 8, 8), generator=g, dtype=torch.int16).to(torch.uint8)
+    rq = _raw_requantizer(rng, 16, torch.uint8, acc_bits=22)
+    kern = Conv2dKernel(w, rq, input_zero_point=3, input_dtype=torch.uint8, padding=1,
+                        amx=True)
+    assert kern.compiled and not kern.amx
+    ref = int_conv2d(x, w, rq, input_zero_point=3, padding=1, backend="torch")
+    assert torch.equal(kern(x), ref)
+
+
 CERTIFIED = [  # n, c, o, h, w, k, stride, padding, dilation, xdt, z, outdt, zout
     (1, 3, 16, 8, 8, 3, 1, 1, 1, torch.uint8, 0, torch.uint8, 0),
     (2, 16, 32, 9, 7, 3, 2, 1, 1, torch.uint8, 3, torch.int8, -1),

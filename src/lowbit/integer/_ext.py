@@ -176,11 +176,19 @@ def vnni() -> ModuleType | None:
             from torch.utils.cpp_extension import load_inline
 
             src = (Path(__file__).parent / "csrc" / "conv_vnni.cpp").read_text()
-            mod = load_inline(
-                name="lowbit_integer_vnni_v7", cpp_sources=[src],
-                functions=_VNNI_FUNCTIONS,
-                extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
-                verbose=False)
+            mod, first_err = None, None
+            for name, flags in (("lowbit_integer_vnni_v8", []),
+                                ("lowbit_integer_vnni_v8_noamx", ["-DLOWBIT_NO_AMX"])):
+                try:  # an assembler without AMX: the VNNI kernel alone
+                    mod = load_inline(
+                        name=name, cpp_sources=[src], functions=_VNNI_FUNCTIONS,
+                        extra_cflags=["-O3", "-fopenmp", "-std=c++17", *flags],
+                        extra_ldflags=["-fopenmp"], verbose=False)
+                    break
+                except Exception as exc:
+                    first_err = first_err or exc
+            if mod is None:
+                raise first_err
             _state["vnni"] = mod if mod.vnni_supported() else None
         except Exception as err:  # no compiler, old assembler, ...: use the other paths
             warnings.warn(f"lowbit.integer: VNNI convolution unavailable ({err}); "

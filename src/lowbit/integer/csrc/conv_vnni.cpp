@@ -342,6 +342,14 @@ LOWBIT_VNNI static void run_tiles(const Geometry& g, const Epilogue& e, int64_t 
 // TDPBUSD sums exactly the convolution's products, in int32 (no saturation, as vpdpbusd).
 // Tiles: 0..3 accumulators (one per 16-channel block), 4 the pixels, 5/6 the weights. The
 // accumulators start at -zs; the epilogue is the one above, on the tile stored to a buffer.
+// Compiled where the compiler knows the AMX intrinsics (GCC 11+, Clang 12+) and not built with
+// -DLOWBIT_NO_AMX; otherwise amx_supported() is false and the VNNI loop runs every layer.
+#if !defined(LOWBIT_NO_AMX) && defined(__has_include)
+#if __has_include(<amxtileintrin.h>) || __has_include(<amxintrin.h>)
+#define LOWBIT_HAVE_AMX 1
+#endif
+#endif
+#ifdef LOWBIT_HAVE_AMX
 #define LOWBIT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512dq,avx512vl")))
 
 struct TileConfig {
@@ -437,11 +445,15 @@ LOWBIT_AMX static void amx_tiles(const AmxGeometry& g, const Epilogue& e, int64_
   }
   _tile_release();
 }
+#endif  // LOWBIT_HAVE_AMX
 
 }  // namespace
 
 // AMX-INT8 on this CPU, with the kernel's permission to use the tile data (asked once)
 bool amx_supported() {
+#ifndef LOWBIT_HAVE_AMX
+  return false;
+#endif
   static int state = -1;
   if (state < 0) {
     unsigned a = 0, b = 0, c = 0, d = 0;
@@ -623,6 +635,7 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
       e.narrow = fits32(e.clo[o]) && fits32(e.chi[o]) && e.clo[o] <= e.chi[o];
   }
   const int64_t R = N * OH * OW;
+#ifdef LOWBIT_HAVE_AMX
   if (wa.numel() > 0) {  // AMX: tiles of amx_rows pixels within one output row
     const int64_t span = ((KW - 1) * DW + 1) * C4, NCH = (span + 63) / 64, M = amx_rows;
     TORCH_CHECK(amx_supported(), "this CPU (or its kernel) does not allow AMX-INT8");
@@ -649,6 +662,10 @@ torch::Tensor conv2d_requant(torch::Tensor x, torch::Tensor wp, int64_t O, int64
     }
     return out;
   }
+#else
+  TORCH_CHECK(wa.numel() == 0, "this build of the kernel has no AMX code");
+  (void)amx_rows;
+#endif
   if (OB % 4 == 0) {
     run_tiles<6, 4>(g, e, R);
   } else if (OB % 2 == 0) {
